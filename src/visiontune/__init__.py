@@ -1,0 +1,3 @@
+"""visiontune: LoRA fine-tuning of vision and vision-language models, correct by default."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,121 @@
+"""YAML file + dotted overrides -> a validated Config, with every problem reported at once."""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from visiontune.config.schema import Config
+from visiontune.errors import ConfigError
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read `path`, apply `key.sub=value` overrides, validate; raise ConfigError listing all."""
+    path = Path(path)
+    raw = read_yaml(path)
+    problems: list[str] = []
+    for item in overrides or []:
+        problem = apply_override(raw, item)
+        if problem:
+            problems.append(problem)
+    try:
+        cfg = Config.model_validate(raw)
+    except ValidationError as err:
+        problems.extend(describe_errors(err))
+        raise ConfigError(problems, source=str(path)) from None
+    if problems:
+        raise ConfigError(problems, source=str(path))
+    return cfg
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError([f"config file not found: {path}"], source=str(path))
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ConfigError([f"not valid YAML: {err}"], source=str(path)) from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(["the top level must be a mapping of sections"], source=str(path))
+    return raw
+
+
+def apply_override(raw: dict[str, Any], item: str) -> str | None:
+    """Set `a.b.c=value` in the raw mapping; the value is parsed as YAML (`1e-4`, `[1, 2]`)."""
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        return f"override {item!r} is not of the form key.sub=value"
+    keys = key.strip().split(".")
+    node = raw
+    for part in keys[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            return f"override {item!r}: {part} is not a section"
+        node = child
+    try:
+        node[keys[-1]] = yaml.safe_load(text)
+    except yaml.YAMLError:
+        node[keys[-1]] = text
+    return None
+
+
+def describe_errors(err: ValidationError) -> list[str]:
+    """One line per pydantic error, with the dotted path and a did-you-mean for typos."""
+    lines = []
+    for e in err.errors():
+        loc = [str(p) for p in e["loc"] if not _is_union_tag(p)]
+        dotted = ".".join(loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            known = _known_keys(loc[:-1])
+            close = difflib.get_close_matches(loc[-1], known, n=1, cutoff=0.5)
+            hint = f"; did you mean `{'.'.join([*loc[:-1], close[0]])}`?" if close else ""
+            lines.append(f"{dotted}: unknown key{hint}")
+        elif e["type"] == "missing":
+            lines.append(f"{dotted}: required")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"{dotted}: {msg} (got {e.get('input')!r})")
+    return lines
+
+
+def _is_union_tag(part: object) -> bool:
+    return isinstance(part, str) and part in {"classify", "segment", "ground"}
+
+
+def _known_keys(loc: list[str]) -> list[str]:
+    """Field names of the section at `loc`, walking the schema's nested models."""
+    model: type[BaseModel] | None = Config
+    for part in loc:
+        if model is None or part not in model.model_fields:
+            return []
+        model = _submodel(model.model_fields[part].annotation)
+    return list(model.model_fields) if model else []
+
+
+def _submodel(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if get_origin(annotation) is not None:
+        for arg in get_args(annotation):
+            found = _submodel(arg)
+            if found is not None:
+                return found
+    return None
+
+
+def config_hash(cfg: Config) -> str:
+    """Hash of the resolved config, stored in checkpoints to notice a changed config on resume."""
+    text = json.dumps(cfg.model_dump(mode="json"), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

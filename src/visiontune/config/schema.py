@@ -1,0 +1,258 @@
+"""The single source of truth for every option.
+
+Every section forbids unknown keys so that a typo (`optim.learning_rate`) is an error with a
+suggestion rather than a silently ignored setting. Defaults are the choices we would make for
+a user who has not thought about the option yet.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    """Where the backbone comes from: a hub id, a local directory, or an inline config."""
+
+    name_or_path: str | None = None
+    config: dict[str, Any] | None = Field(
+        default=None,
+        description="Inline transformers config (with `model_type`) for a randomly initialised "
+        "model: no download, used by the demo and the tests.",
+    )
+    revision: str | None = None
+    trust_remote_code: bool = False
+    dtype: Literal["fp32", "bf16", "fp16"] = Field(
+        default="fp32", description="dtype the frozen base weights are loaded in."
+    )
+    gradient_checkpointing: bool = False
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelConfig:
+        if (self.name_or_path is None) == (self.config is None):
+            raise ValueError("set exactly one of model.name_or_path or model.config")
+        if self.config is not None and "model_type" not in self.config:
+            raise ValueError("model.config needs a `model_type` (e.g. vit, siglip_vision_model)")
+        return self
+
+
+class LoraConfig(Section):
+    enabled: bool = True
+    rank: int = Field(default=8, ge=1)
+    alpha: float = Field(default=16, gt=0)
+    dropout: float = Field(default=0.05, ge=0, lt=1)
+    targets: str | list[str] = Field(
+        default="attention",
+        description="A preset (attention, qv, attention+mlp, all-linear), a list of module "
+        "names, or a regex prefixed with `re:`; resolved against the model's named_modules().",
+    )
+    modules_to_save: list[str] | Literal["auto"] = Field(
+        default="auto", description="Fully trained modules; `auto` picks the task head."
+    )
+
+
+class Augment(Section):
+    """Train-time augmentation; all off by default so that eval-time data is untouched."""
+
+    hflip: float = Field(default=0.0, ge=0, le=1, description="probability")
+    vflip: float = Field(default=0.0, ge=0, le=1, description="probability")
+    rotation: float = Field(default=0.0, ge=0, le=180, description="max degrees")
+    resized_crop: tuple[float, float] | None = Field(
+        default=None, description="area scale range, e.g. [0.8, 1.0]"
+    )
+    color_jitter: float = Field(default=0.0, ge=0, le=1, description="brightness/contrast")
+
+
+class Preprocess(Section):
+    """Image preprocessing; unset values come from the model's image processor or config."""
+
+    size: int | None = Field(default=None, gt=0)
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+    pad_to_square: bool = True
+
+
+class CsvColumns(Section):
+    image_column: str = "id_code"
+    label_column: str = "diagnosis"
+    image_pattern: str = Field(
+        default="{image}",
+        description="Path of an image relative to the CSV's folder; `{image}` is the image "
+        "column, e.g. `train_images/{image}.png` for APTOS.",
+    )
+
+
+class DataConfig(Section):
+    format: Literal["imagefolder", "csv"] = "imagefolder"
+    train: Path
+    val: Path | None = None
+    test: Path | None = None
+    val_fraction: float = Field(
+        default=0.0, ge=0, lt=1, description="Held out from train when `val` is not given."
+    )
+    csv: CsvColumns = CsvColumns()
+    classes: list[str] | None = Field(
+        default=None, description="Class order; default: sorted folder names or label values."
+    )
+    preprocess: Preprocess = Preprocess()
+    augment: dict[Literal["train", "val", "test"], Augment] = Field(default_factory=dict)
+    num_workers: int = Field(default=0, ge=0)
+    max_bad_samples: int = Field(
+        default=10,
+        ge=0,
+        description="Corrupt samples skipped (and named in the log) before "
+        "the run stops with an error.",
+    )
+
+
+class LossConfig(Section):
+    type: Literal["cross_entropy", "focal"] = "cross_entropy"
+    focal_gamma: float = Field(default=2.0, ge=0)
+    focal_alpha: float | None = Field(default=None, gt=0, le=1)
+    class_weights: list[float] | Literal["balanced"] | None = None
+    label_smoothing: float = Field(default=0.0, ge=0, lt=1)
+
+
+class ClassifyTaskConfig(Section):
+    type: Literal["classify"] = "classify"
+    loss: LossConfig = LossConfig()
+    referable_from: str | None = Field(
+        default=None,
+        description="Class from which a sample counts as positive for binary metrics "
+        "(DR: grade 2 = referable); adds binary sensitivity/specificity/AUC.",
+    )
+
+
+TaskConfig = Annotated[ClassifyTaskConfig, Field(discriminator="type")]
+
+_DURATION = re.compile(r"^\s*(?:(\d+)d)?\s*(?:(\d+)h)?\s*(?:(\d+)m)?\s*(?:(\d+)s)?\s*$")
+
+
+def parse_duration(text: str) -> float:
+    """`7h50m`, `90m`, `1d2h`, `45s` -> seconds."""
+    match = _DURATION.match(text)
+    if not text.strip() or match is None or not any(match.groups()):
+        raise ValueError(f"not a duration: {text!r} (use e.g. 7h50m, 90m, 3600s)")
+    days, hours, minutes, seconds = (int(g or 0) for g in match.groups())
+    return float(((days * 24 + hours) * 60 + minutes) * 60 + seconds)
+
+
+class TrainConfig(Section):
+    micro_batch_size: int = Field(default=16, ge=1)
+    grad_accum_steps: int = Field(default=1, ge=1)
+    max_steps: int | None = Field(default=None, ge=1, description="Optimizer steps.")
+    epochs: float | None = Field(default=None, gt=0, description="May be fractional.")
+    min_steps: int = Field(default=0, ge=0, description="No early stop before this step.")
+    max_samples: int | None = Field(default=None, ge=1, description="Cap on train samples.")
+    seed: int = 0
+    max_grad_norm: float | None = Field(default=1.0, gt=0)
+    time_limit: str | None = Field(default=None, description="Wall clock, e.g. 7h50m.")
+    log_every: int = Field(default=10, ge=1, description="Optimizer steps between log lines.")
+    overfit_batches: int = Field(default=0, ge=0, description="Debug: train on N batches only.")
+    detect_anomaly: bool = False
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+
+    @field_validator("time_limit")
+    @classmethod
+    def _duration(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_duration(value)
+        return value
+
+    @model_validator(mode="after")
+    def _budget(self) -> TrainConfig:
+        if self.max_steps is None and self.epochs is None:
+            raise ValueError("set train.max_steps or train.epochs")
+        return self
+
+
+class OptimConfig(Section):
+    name: Literal["adamw"] = "adamw"
+    lr: float = Field(default=1e-4, gt=0)
+    weight_decay: float = Field(default=0.01, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(default=1e-8, gt=0)
+
+
+class ScheduleConfig(Section):
+    type: Literal["constant", "linear", "cosine"] = "cosine"
+    warmup_steps: int = Field(default=0, ge=0, description="Optimizer steps.")
+    warmup_ratio: float | None = Field(
+        default=None, ge=0, lt=1, description="Fraction of total optimizer steps."
+    )
+    min_lr: float = Field(default=0.0, ge=0)
+
+
+class CheckpointConfig(Section):
+    every_steps: int | None = Field(default=None, ge=1)
+    keep_last: int = Field(default=2, ge=1)
+    keep_best: bool = True
+
+
+class EvalConfig(Section):
+    every_steps: int | None = Field(default=None, ge=1)
+    split: Literal["val", "test"] = "val"
+    metric: str = "accuracy"
+    mode: Literal["max", "min"] = "max"
+    patience: int | None = Field(
+        default=None, ge=1, description="Evaluations without improvement before stopping."
+    )
+    min_delta: float = Field(default=0.0, ge=0)
+    batch_size: int | None = Field(default=None, ge=1)
+
+
+class TrackingConfig(Section):
+    tensorboard: bool = False
+
+
+_CRITERION = re.compile(r"^\s*(>=|<=|>|<|==)\s*(-?[0-9.]+(?:e-?\d+)?)\s*$")
+
+
+def parse_criterion(text: str) -> tuple[str, float]:
+    """`">=0.90"` -> (">=", 0.9)."""
+    match = _CRITERION.match(str(text))
+    if match is None:
+        raise ValueError(f"not a criterion: {text!r} (use e.g. '>=0.90')")
+    return match.group(1), float(match.group(2))
+
+
+class Config(Section):
+    name: str = Field(default="run", pattern=r"^[A-Za-z0-9._-]+$")
+    output_dir: Path = Path("runs")
+    init_from: Path | None = Field(
+        default=None, description="Load weights only (fresh optimizer) from a run or checkpoint."
+    )
+    model: ModelConfig
+    lora: LoraConfig = LoraConfig()
+    data: DataConfig
+    task: TaskConfig = ClassifyTaskConfig()
+    train: TrainConfig
+    optim: OptimConfig = OptimConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        default="fp32", description="Autocast dtype; `auto` picks bf16 where supported."
+    )
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    eval: EvalConfig = EvalConfig()
+    acceptance: dict[str, str] = Field(
+        default_factory=dict, description="metric -> criterion, e.g. accuracy: '>=0.90'"
+    )
+    tracking: TrackingConfig = TrackingConfig()
+
+    @field_validator("acceptance")
+    @classmethod
+    def _criteria(cls, value: dict[str, str]) -> dict[str, str]:
+        for criterion in value.values():
+            parse_criterion(criterion)
+        return value
+
+    @property
+    def run_dir(self) -> Path:
+        return self.output_dir / self.name

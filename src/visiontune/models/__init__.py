@@ -1,0 +1,1 @@
+"""Model loading (hub id, local directory, inline config) and LoRA through PEFT."""
