@@ -40,7 +40,9 @@ def load_model(auto_class: Any, model_cfg: ModelConfig, **kwargs: Any) -> torch.
             **kwargs,
         )
     except (OSError, ValueError) as err:
-        raise ConfigError([f"model.name_or_path: cannot load {source!r}: {_first_line(err)}"])
+        raise ConfigError(
+            [f"model.name_or_path: cannot load {source!r}: {_first_line(err)}"]
+        ) from None
 
 
 def build_config(inline: dict[str, Any], **kwargs: Any) -> PretrainedConfig:
