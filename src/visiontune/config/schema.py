@@ -99,7 +99,11 @@ class DataConfig(Section):
     )
     csv: CsvColumns = CsvColumns()
     classes: list[str] | None = Field(
-        default=None, description="Class order; default: sorted folder names or label values."
+        default=None,
+        description="Class names in label order; default: sorted folder names, or the CSV's "
+        "label values (numeric order when all are integers). Folder names and CSV labels are "
+        "matched by name; a CSV label that is an integer i (APTOS grades 0-4) also means the "
+        "i-th name here, so `[none, mild, moderate, severe, proliferative]` names grades 0-4.",
     )
     preprocess: Preprocess = Preprocess()
     augment: dict[Literal["train", "val", "test"], Augment] = Field(default_factory=dict)

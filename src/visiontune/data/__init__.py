@@ -1,0 +1,1 @@
+"""Data: safe image decoding, augmentation, and one module per on-disk format."""

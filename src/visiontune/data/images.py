@@ -1,0 +1,162 @@
+"""Safe image decoding and the deterministic part of preprocessing.
+
+Every image goes through the same steps at train, eval and predict time: decode (EXIF rotation
+applied, converted to RGB so that greyscale, palette and RGBA files all give three channels),
+pad to square (a fundus or a document is not stretched into a different shape), resize, scale
+to [0, 1] and normalise. A file PIL cannot decode raises DataError naming the file, so the
+caller decides whether to stop (up-front checks, predict) or skip and count (mid-training).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from visiontune.config.schema import Config
+from visiontune.errors import DataError
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """What the model expects: a square side in pixels and per-channel mean/std."""
+
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    pad_to_square: bool = True
+
+
+def decode_image(path: Path) -> Image.Image:
+    """Open `path` fully (not lazily) as an upright RGB image; DataError if it cannot be read.
+
+    `load()` forces the whole file to be decoded here, so a truncated file fails now, naming
+    the file, instead of later inside a resize with an anonymous "image file is truncated".
+    """
+    try:
+        with Image.open(path) as img:
+            img.load()
+            upright = ImageOps.exif_transpose(img)
+            return upright.convert("RGB")
+    except FileNotFoundError:
+        raise DataError(f"image file not found: {path}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise DataError(f"cannot decode image {path}: {err}") from None
+
+
+def pad_to_square(img: Image.Image) -> Image.Image:
+    """Centre the image on a black square canvas (black is what fundus borders already are)."""
+    width, height = img.size
+    side = max(width, height)
+    if width == height:
+        return img
+    canvas = Image.new("RGB", (side, side))
+    canvas.paste(img, ((side - width) // 2, (side - height) // 2))
+    return canvas
+
+
+def to_unit_tensor(img: Image.Image, spec: ImageSpec) -> torch.Tensor:
+    """Pad, resize and scale to a CHW float tensor in [0, 1] (augmentation works on this)."""
+    if spec.pad_to_square:
+        img = pad_to_square(img)
+    img = img.resize((spec.size, spec.size), Image.Resampling.BICUBIC)
+    array = np.asarray(img, dtype=np.float32) / 255.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def normalise(unit: torch.Tensor, spec: ImageSpec) -> torch.Tensor:
+    mean = torch.tensor(spec.mean, dtype=unit.dtype).view(3, 1, 1)
+    std = torch.tensor(spec.std, dtype=unit.dtype).view(3, 1, 1)
+    return (unit - mean) / std
+
+
+def load_pixels(path: Path, spec: ImageSpec) -> torch.Tensor:
+    """Decode and preprocess without augmentation: the eval and predict path."""
+    return normalise(to_unit_tensor(decode_image(path), spec), spec)
+
+
+def resolve_image_spec(cfg: Config) -> ImageSpec:
+    """Preprocessing settings: `data.preprocess` wins, then the model's image processor, then
+    the inline model config's image_size with mean = std = 0.5.
+
+    Using the processor the model was pre-trained with matters: MedSigLIP expects 448 px and
+    mean = std = 0.5, an ImageNet ViT 224 px and other statistics; a mismatch costs accuracy
+    silently.
+    """
+    pre = cfg.data.preprocess
+    size, mean, std = _from_model(cfg)
+    return ImageSpec(
+        size=pre.size or size,
+        mean=pre.mean or mean,
+        std=pre.std or std,
+        pad_to_square=pre.pad_to_square,
+    )
+
+
+Defaults = tuple[int, tuple[float, float, float], tuple[float, float, float]]
+_HALF = (0.5, 0.5, 0.5)
+
+
+def _from_model(cfg: Config) -> Defaults:
+    model_cfg = cfg.model
+    if model_cfg.config is not None:
+        return _inline_image_size(model_cfg.config), _HALF, _HALF
+    from transformers import AutoConfig, AutoImageProcessor
+
+    source = model_cfg.name_or_path
+    kwargs: dict[str, Any] = {
+        "revision": model_cfg.revision,
+        "trust_remote_code": model_cfg.trust_remote_code,
+    }
+    try:
+        processor = AutoImageProcessor.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as err:
+        log.warning(
+            "no image processor found for %s (%s); using the model config's image_size and "
+            "mean = std = 0.5 (set data.preprocess to override)",
+            source,
+            str(err).splitlines()[0] if str(err) else type(err).__name__,
+        )
+        config = AutoConfig.from_pretrained(source, **kwargs)
+        return _inline_image_size(config.to_dict()), _HALF, _HALF
+    return _processor_size(processor), _triple(processor.image_mean), _triple(processor.image_std)
+
+
+def _processor_size(processor: Any) -> int:
+    """The square side the processor finally produces (its crop when it crops, as CLIP does)."""
+    for attr in ("crop_size", "size"):
+        value = getattr(processor, attr, None)
+        if value is None:
+            continue
+        for key in ("height", "shortest_edge", "width"):
+            side = value.get(key) if isinstance(value, dict) else getattr(value, key, None)
+            if side:
+                return int(side)
+        if isinstance(value, int):
+            return value
+    return 224
+
+
+def _inline_image_size(config: dict[str, Any]) -> int:
+    """`image_size` of a vision config, or of the `vision_config` of a two-tower one (SigLIP)."""
+    vision = config.get("vision_config")
+    if isinstance(vision, dict) and "image_size" in vision:
+        return int(vision["image_size"])
+    if hasattr(vision, "image_size"):
+        return int(vision.image_size)
+    size = config.get("image_size", 224)
+    return int(size[0] if isinstance(size, list | tuple) else size)
+
+
+def _triple(values: Any) -> tuple[float, float, float]:
+    items = [float(v) for v in (values if isinstance(values, list | tuple) else [values] * 3)]
+    return items[0], items[1], items[2]
