@@ -1,0 +1,193 @@
+"""Checkpoints that are complete or do not exist.
+
+Each checkpoint is written into a temporary directory, every file is fsynced, the manifest
+(file sizes and hashes) is written last, and the directory is renamed into place. Loading
+trusts only directories whose manifest matches their files, so a checkpoint half-written when
+a job was killed is never picked up. Pickles are loaded with `weights_only=True`; weights are
+safetensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from visiontune.errors import VisiontuneError
+
+MANIFEST = "manifest.json"
+WEIGHTS = "trainable.safetensors"
+STEP_PREFIX = "step-"
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Trainable parameters plus persistent buffers (norm statistics): what training changes."""
+    params = dict(model.named_parameters())
+    return {
+        name: tensor.detach().contiguous()
+        for name, tensor in model.state_dict().items()
+        if name not in params or params[name].requires_grad
+    }
+
+
+def write_weights(model: nn.Module, directory: Path, base_model_id: str | None) -> None:
+    """trainable.safetensors (exact, for resume and eval) and, for PEFT models, the standard
+    adapter files so `PeftModel.from_pretrained(base, directory)` works outside visiontune."""
+    save_file(trainable_state(model), str(directory / WEIGHTS))
+    if isinstance(model, PeftModel):
+        model.save_pretrained(str(directory))
+        if base_model_id:
+            _set_adapter_base(directory / "adapter_config.json", base_model_id)
+
+
+def _set_adapter_base(path: Path, base_model_id: str) -> None:
+    """Record the hub id (not a local cache path) as the adapter's base model."""
+    config = json.loads(path.read_text())
+    config["base_model_name_or_path"] = base_model_id
+    path.write_text(json.dumps(config, indent=2))
+
+
+def load_weights(model: nn.Module, directory: Path) -> None:
+    """Load trainable.safetensors, refusing silently partial loads."""
+    path = directory / WEIGHTS
+    if not path.is_file():
+        raise VisiontuneError(f"{directory} holds no {WEIGHTS}: not a visiontune checkpoint")
+    state = load_file(str(path))
+    result = model.load_state_dict(state, strict=False)
+    expected = set(trainable_state(model))
+    missing = sorted(expected - set(state))
+    if result.unexpected_keys or missing:
+        detail = (result.unexpected_keys or missing)[:3]
+        raise VisiontuneError(
+            f"{path} does not match this model ({len(result.unexpected_keys)} unexpected, "
+            f"{len(missing)} missing keys, e.g. {detail}): was it trained with another config?"
+        )
+
+
+def write_atomically(final: Path, fill: Callable[[Path], None], meta: dict[str, Any]) -> Path:
+    """Run `fill(tmp_dir)`, fsync everything, write the manifest last, rename into `final`."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}-{time.time_ns()}"
+    tmp.mkdir()
+    try:
+        fill(tmp)
+        files = {p.name: _describe(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        _write_synced(tmp / MANIFEST, json.dumps({**meta, "files": files}, indent=2))
+        _fsync_dir(tmp)
+        if final.exists():
+            old = final.parent / f".old-{final.name}-{time.time_ns()}"
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(final)
+        _fsync_dir(final.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def is_complete(directory: Path) -> bool:
+    """The manifest exists and every file it lists has the recorded size and hash."""
+    try:
+        manifest = json.loads((directory / MANIFEST).read_text())
+        return all(_describe(directory / name) == info for name, info in manifest["files"].items())
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def read_manifest(directory: Path) -> dict[str, Any]:
+    return json.loads((directory / MANIFEST).read_text())
+
+
+def step_dirs(root: Path) -> list[Path]:
+    """Checkpoint directories under `root`, oldest step first (incomplete ones included)."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX)]
+    return sorted(found, key=lambda p: int(p.name.removeprefix(STEP_PREFIX)))
+
+
+def latest_complete(root: Path) -> Path | None:
+    for directory in reversed(step_dirs(root)):
+        if is_complete(directory):
+            return directory
+    return None
+
+
+def prune(root: Path, keep_last: int, keep_steps: set[int]) -> None:
+    """Delete all but the newest `keep_last` complete checkpoints and those in `keep_steps`."""
+    complete = [d for d in step_dirs(root) if is_complete(d)]
+    for directory in complete[:-keep_last]:
+        if int(directory.name.removeprefix(STEP_PREFIX)) not in keep_steps:
+            shutil.rmtree(directory)
+    for stale in root.glob(".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def save_torch(obj: Any, path: Path) -> None:
+    torch.save(obj, path)
+
+
+def load_torch(path: Path) -> Any:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": random.getstate(),
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+def _describe(path: Path) -> dict[str, Any]:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def _write_synced(path: Path, text: str) -> None:
+    with path.open("w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _fsync_dir(directory: Path) -> None:
+    for path in directory.iterdir():
+        if path.is_file():
+            with path.open("rb") as fh:
+                os.fsync(fh.fileno())
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

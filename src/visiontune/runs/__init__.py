@@ -1,0 +1,1 @@
+"""The run directory: its layout, logs, metrics files, summary and pictures."""

@@ -1,0 +1,99 @@
+"""The end of a run: summary.json and the training curves as a picture."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+from visiontune.config.schema import Config
+from visiontune.runs.rundir import LOGGER, RunDir, read_jsonl
+
+if TYPE_CHECKING:
+    from visiontune.engine.loop import TrainState
+
+log = logging.getLogger(LOGGER)
+
+
+def write_summary(
+    run: RunDir, cfg: Config, state: TrainState, model: nn.Module, wall_time_s: float
+) -> dict[str, Any]:
+    steps = read_jsonl(run.metrics)
+    speeds = [r["samples_per_s"] for r in steps[1:]] or [r["samples_per_s"] for r in steps]
+    verdicts = state.acceptance
+    summary = {
+        "run_dir": str(run.root.resolve()),
+        "status": state.stop_reason,
+        "steps": state.step,
+        "epochs_completed": state.epoch,
+        "samples_seen": state.samples_seen,
+        "skipped_samples": state.skipped_samples,
+        "best": {"metric": cfg.eval.metric, "value": state.best_metric, "step": state.best_step},
+        "last_eval": state.last_eval,
+        "acceptance": verdicts,
+        "accepted": all(v["passed"] for v in verdicts.values()) if verdicts else None,
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "total_params": sum(p.numel() for p in model.parameters()),
+        "mean_samples_per_s": sum(speeds) / len(speeds) if speeds else None,
+        "peak_memory_mb": max((r["peak_memory_mb"] for r in steps), default=None),
+        "wall_time_s": round(wall_time_s, 2),
+        "state": asdict(state),
+    }
+    run.write_json(run.summary, summary)
+    for name, verdict in verdicts.items():
+        mark = "PASS" if verdict["passed"] else "FAIL"
+        log.info("acceptance %s: %s %s (value %s)", mark, name, verdict["criterion"], verdict["value"])
+    return summary
+
+
+def plot_training(run: RunDir) -> Path | None:
+    """Loss (raw and smoothed), learning rate, gradient norm and eval metrics over steps."""
+    steps = read_jsonl(run.metrics)
+    if not steps:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    evals = read_jsonl(run.evals)
+    x = [r["step"] for r in steps]
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    ax = axes[0][0]
+    ax.plot(x, [r["loss"] for r in steps], alpha=0.3, label="loss per step")
+    ax.plot(x, smooth([r["loss"] for r in steps]), label="smoothed (EMA)")
+    ax.set(title="training loss", xlabel="optimizer step")
+    ax.legend()
+    axes[0][1].plot(x, [r["lr"] for r in steps])
+    axes[0][1].set(title="learning rate", xlabel="optimizer step")
+    ax = axes[1][0]
+    ax.plot(x, [r["grad_norm"] for r in steps], label="pre-clip gradient norm")
+    clipped = [r["step"] for r in steps if r["clipped"]]
+    if clipped:
+        ax.plot(clipped, [r["grad_norm"] for r in steps if r["clipped"]], "r.", label="clipped")
+    ax.set(title="gradient norm", xlabel="optimizer step", yscale="log")
+    ax.legend()
+    ax = axes[1][1]
+    if evals:
+        for key in [k for k in evals[-1] if k != "step" and "." not in k][:5]:
+            ax.plot([e["step"] for e in evals], [e.get(key) for e in evals], "o-", label=key)
+        ax.legend()
+    ax.set(title="evaluation", xlabel="optimizer step")
+    fig.tight_layout()
+    run.figures.mkdir(exist_ok=True)
+    path = run.figures / "training_curves.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def smooth(values: list[float], weight: float = 0.9) -> list[float]:
+    """Debiased exponential moving average (as TensorBoard's smoothing)."""
+    out, avg = [], 0.0
+    for i, value in enumerate(values, start=1):
+        avg = weight * avg + (1 - weight) * value
+        out.append(avg / (1 - weight**i))
+    return out
