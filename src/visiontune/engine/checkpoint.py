@@ -65,15 +65,18 @@ def load_weights(model: nn.Module, directory: Path) -> None:
     if not path.is_file():
         raise VisiontuneError(f"{directory} holds no {WEIGHTS}: not a visiontune checkpoint")
     state = load_file(str(path))
-    result = model.load_state_dict(state, strict=False)
-    expected = set(trainable_state(model))
-    missing = sorted(expected - set(state))
-    if result.unexpected_keys or missing:
-        detail = (result.unexpected_keys or missing)[:3]
+    expected = trainable_state(model)
+    unexpected = sorted(set(state) - set(model.state_dict()))
+    missing = sorted(set(expected) - set(state))
+    reshaped = [k for k in state if k in expected and state[k].shape != expected[k].shape]
+    if unexpected or missing or reshaped:
+        example = (unexpected or missing or reshaped)[:3]
         raise VisiontuneError(
-            f"{path} does not match this model ({len(result.unexpected_keys)} unexpected, "
-            f"{len(missing)} missing keys, e.g. {detail}): was it trained with another config?"
+            f"{path} does not match this model ({len(unexpected)} unexpected, {len(missing)} "
+            f"missing, {len(reshaped)} differently shaped tensors, e.g. {example}): was it "
+            "trained with another config?"
         )
+    model.load_state_dict(state, strict=False)
 
 
 def write_atomically(final: Path, fill: Callable[[Path], None], meta: dict[str, Any]) -> Path:

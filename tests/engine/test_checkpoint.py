@@ -1,0 +1,75 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from visiontune.engine import checkpoint as ckpt
+from visiontune.errors import VisiontuneError
+
+
+def fill_with(text: str):
+    def fill(directory: Path) -> None:
+        (directory / "a.txt").write_text(text)
+
+    return fill
+
+
+def test_atomic_write_then_completeness_and_latest(tmp_path: Path) -> None:
+    root = tmp_path / "checkpoints"
+    ckpt.write_atomically(root / "step-00000002", fill_with("two"), {"step": 2})
+    ckpt.write_atomically(root / "step-00000004", fill_with("four"), {"step": 4})
+    assert ckpt.latest_complete(root) == root / "step-00000004"
+    # a kill mid-write leaves a directory whose files do not match its manifest, or none
+    (root / "step-00000004" / "a.txt").write_text("torn")
+    (root / "step-00000006").mkdir()
+    (root / "step-00000006" / "a.txt").write_text("no manifest")
+    assert not ckpt.is_complete(root / "step-00000006")
+    assert ckpt.latest_complete(root) == root / "step-00000002"
+
+
+def test_failed_fill_leaves_nothing(tmp_path: Path) -> None:
+    def broken(directory: Path) -> None:
+        (directory / "half").write_text("x")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        ckpt.write_atomically(tmp_path / "step-00000001", broken, {})
+    assert os.listdir(tmp_path) == []
+
+
+def test_prune_keeps_last_and_best(tmp_path: Path) -> None:
+    for step in (1, 2, 3, 4, 5):
+        ckpt.write_atomically(tmp_path / f"step-{step:08d}", fill_with(str(step)), {})
+    ckpt.prune(tmp_path, keep_last=2, keep_steps={2})
+    assert [p.name for p in ckpt.step_dirs(tmp_path)] == [
+        "step-00000002", "step-00000004", "step-00000005"
+    ]  # fmt: skip
+
+
+def test_weights_roundtrip_and_mismatch_is_refused(tmp_path: Path) -> None:
+    model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    model[0].weight.requires_grad_(False)
+    ckpt.write_weights(model, tmp_path, None)
+    saved = ckpt.trainable_state(model)
+    assert "0.weight" not in saved and "0.bias" in saved and "1.running_mean" in saved
+    other = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    other[0].weight.requires_grad_(False)
+    ckpt.load_weights(other, tmp_path)
+    assert torch.equal(other[0].bias, model[0].bias)
+    with pytest.raises(VisiontuneError, match="does not match this model"):
+        ckpt.load_weights(nn.Sequential(nn.Linear(3, 3)), tmp_path)
+
+
+def test_rng_state_roundtrip_through_weights_only_load(tmp_path: Path) -> None:
+    import random
+
+    import numpy as np
+
+    torch.manual_seed(3)
+    ckpt.save_torch(ckpt.rng_state(), tmp_path / "rng.pt")
+    expected = (torch.rand(3), random.random(), np.random.rand())
+    ckpt.set_rng_state(ckpt.load_torch(tmp_path / "rng.pt"))
+    again = (torch.rand(3), random.random(), np.random.rand())
+    assert torch.equal(expected[0], again[0]) and expected[1:] == again[1:]
