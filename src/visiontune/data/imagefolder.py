@@ -194,7 +194,7 @@ def _read_folder(key: str, root: Path, problems: list[str]) -> list[RawEntry]:
         images = sorted(p for p in folder.iterdir() if _is_image(p))
         if not images:
             problems.append(f"{key}: class folder {_abs(folder)} holds no images")
-        where = f"{key} folder {folder.name}/"
+        where = f"folder {folder.name}/"
         for image in images:
             rel = f"{folder.name}/{image.name}"
             entries.append(RawEntry(image, folder.name, rel, where))
@@ -228,7 +228,7 @@ def _read_csv(data: DataConfig, key: str, path: Path, problems: list[str]) -> li
         if not image_path.is_file():
             absent.append(str(image_path.relative_to(path.parent)))
         label = (row[columns.label_column] or "").strip()
-        entries.append(RawEntry(image_path, label, image, f"{key} {path.name} line {line}"))
+        entries.append(RawEntry(image_path, label, image, f"{path.name} line {line}"))
     if absent:
         problems.append(
             f"{key}: {len(absent)} of {len(rows)} image files listed in {path.name} are missing "
@@ -276,7 +276,7 @@ def _to_records(
     if unknown and classes:
         problems.append(
             f"data.{split}: {len(unknown)} label(s) not in the classes {classes} "
-            f"(data.classes), e.g. {unknown[:_SHOWN]}"
+            f"(data.classes), e.g. {'; '.join(unknown[:_SHOWN])}"
         )
     return records
 
