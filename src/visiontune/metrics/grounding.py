@@ -1,0 +1,93 @@
+"""Click grounding metrics with ScreenSpot's conventions.
+
+A click is correct when the predicted point lies inside the target box, edges included. An
+answer we cannot parse is a miss that stays in the denominator (dropping it would reward a
+model for answering gibberish when unsure) and is also counted on its own, because "the model
+stopped answering in the trained format" and "the model clicks the wrong place" need different
+fixes. The distance to the box centre is measured in coordinates normalised by the image's
+width and height, so 0.1 means "a tenth of the screen away" on any resolution.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+Point = tuple[float, float]
+Box = tuple[float, float, float, float]
+
+
+@dataclass(frozen=True)
+class ClickOutcome:
+    """One evaluated sample, everything in original-image pixels.
+
+    `point` is None when the answer was unparseable. `box` is None for point-only targets,
+    which have a distance but no hit/miss.
+    """
+
+    sample_id: str
+    point: Point | None
+    size: tuple[int, int]
+    box: Box | None = None
+    target_point: Point | None = None
+    type: str | None = None
+
+    @property
+    def target(self) -> Point | None:
+        """Where the click should be: the box centre, or the target point."""
+        if self.box is not None:
+            return (self.box[0] + self.box[2]) / 2, (self.box[1] + self.box[3]) / 2
+        return self.target_point
+
+
+def click_hit(point: Point, box: Box) -> bool:
+    """Inside the box, edges inclusive."""
+    x, y = point
+    return box[0] <= x <= box[2] and box[1] <= y <= box[3]
+
+
+def normalised_distance(point: Point, target: Point, size: tuple[int, int]) -> float:
+    """Euclidean distance after dividing x by the width and y by the height."""
+    width, height = size
+    return math.hypot((point[0] - target[0]) / width, (point[1] - target[1]) / height)
+
+
+def click_metrics(outcomes: Iterable[ClickOutcome]) -> dict[str, float]:
+    """click_accuracy, unparseable (count and rate), distance, each also per type.
+
+    Names: `click_accuracy`, `unparseable`, `unparseable_rate`, `distance`, `samples`, and
+    `click_accuracy.<type>`, `distance.<type>`, `samples.<type>` for every type present.
+    `distance` averages over parseable answers only (an unparseable answer has no point);
+    accuracy is reported only when some sample has a box.
+    """
+    items = list(outcomes)
+    scalars = _summarise(items, "")
+    by_type: dict[str, list[ClickOutcome]] = defaultdict(list)
+    for item in items:
+        if item.type is not None:
+            by_type[item.type].append(item)
+    for name in sorted(by_type):
+        scalars.update(_summarise(by_type[name], f".{name}"))
+    return scalars
+
+
+def _summarise(items: list[ClickOutcome], suffix: str) -> dict[str, float]:
+    with_box = [o for o in items if o.box is not None]
+    hits = sum(1 for o in with_box if o.point is not None and click_hit(o.point, o.box))
+    unparseable = sum(1 for o in items if o.point is None)
+    distances = [
+        normalised_distance(o.point, o.target, o.size)
+        for o in items
+        if o.point is not None and o.target is not None
+    ]
+    out = {f"samples{suffix}": float(len(items))}
+    if with_box:
+        out[f"click_accuracy{suffix}"] = hits / len(with_box)
+    if distances:
+        out[f"distance{suffix}"] = sum(distances) / len(distances)
+    if not suffix:
+        out["unparseable"] = float(unparseable)
+        out["unparseable_rate"] = unparseable / len(items) if items else 0.0
+    return out

@@ -1,0 +1,151 @@
+"""Per-model click coordinates: the training target, parsing answers, mapping back to pixels.
+
+Qwen2-VL answers in integers normalised to [0, 1000) of the image it was shown; Qwen2.5-VL
+answers in absolute pixels of the *resized* image its processor produced (sides multiples of
+28, area within [min_pixels, max_pixels]). Neither is the original screenshot's pixel grid, so
+every target we write and every answer we read goes through one codec per model family. The
+resize rule is transformers' own `smart_resize`, so the codec and the image processor cannot
+disagree about the resized size as long as both get the same min/max pixels.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+Point = tuple[float, float]
+Box = tuple[float, float, float, float]
+CoordinateSystem = Literal["norm1000", "resized_pixels"]
+
+FAMILY_COORDINATES: dict[str, CoordinateSystem] = {
+    "qwen2_vl": "norm1000",
+    "qwen2_5_vl": "resized_pixels",
+}
+
+
+class CoordCodec(Protocol):
+    """Converts between original-image pixels and the integers a model reads and writes."""
+
+    def encode(self, point: Point, size: tuple[int, int]) -> tuple[int, int]:
+        """Original-pixel point of an image of `size` (width, height) -> model integers."""
+
+    def decode(self, point: Point, size: tuple[int, int]) -> Point:
+        """Model coordinates -> original-image pixels."""
+
+
+@dataclass(frozen=True)
+class Norm1000Codec:
+    """Qwen2-VL: x and y as integers in [0, 1000), relative to the image's width and height.
+
+    Decoding multiplies by size/1000 (the convention the pre-trained model answers in), so a
+    round trip is off by at most half a bin, size/2000 pixels.
+    """
+
+    def encode(self, point: Point, size: tuple[int, int]) -> tuple[int, int]:
+        width, height = size
+        return _bin(point[0] / width * 1000, 999), _bin(point[1] / height * 1000, 999)
+
+    def decode(self, point: Point, size: tuple[int, int]) -> Point:
+        width, height = size
+        return point[0] * width / 1000, point[1] * height / 1000
+
+
+@dataclass(frozen=True)
+class ResizedPixelCodec:
+    """Qwen2.5-VL: absolute pixels of the image after the processor's smart resize."""
+
+    min_pixels: int
+    max_pixels: int
+    factor: int = 28
+
+    def resized_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        """(width, height) the image processor feeds the model for an image of `size`."""
+        width, height = size
+        new_height, new_width = smart_resize(
+            height,
+            width,
+            factor=self.factor,
+            min_pixels=self.min_pixels,
+            max_pixels=self.max_pixels,
+        )
+        return new_width, new_height
+
+    def encode(self, point: Point, size: tuple[int, int]) -> tuple[int, int]:
+        new_width, new_height = self.resized_size(size)
+        x = _bin(point[0] * new_width / size[0], new_width - 1)
+        y = _bin(point[1] * new_height / size[1], new_height - 1)
+        return x, y
+
+    def decode(self, point: Point, size: tuple[int, int]) -> Point:
+        new_width, new_height = self.resized_size(size)
+        return point[0] * size[0] / new_width, point[1] * size[1] / new_height
+
+
+def make_codec(
+    system: CoordinateSystem, min_pixels: int, max_pixels: int, factor: int = 28
+) -> CoordCodec:
+    if system == "norm1000":
+        return Norm1000Codec()
+    return ResizedPixelCodec(min_pixels=min_pixels, max_pixels=max_pixels, factor=factor)
+
+
+def coordinates_for(model_type: str) -> CoordinateSystem | None:
+    """The coordinate system a model family was pre-trained with; None when we do not know."""
+    return FAMILY_COORDINATES.get(model_type)
+
+
+def _bin(value: float, top: int) -> int:
+    """Round to the nearest integer inside [0, top]: a click on the right edge stays in range."""
+    return min(max(int(math.floor(value + 0.5)), 0), top)
+
+
+def write_answer(template: str, model_point: tuple[int, int]) -> str:
+    """The assistant's training answer, e.g. template `({x},{y})` -> `(512,340)`."""
+    return template.format(x=model_point[0], y=model_point[1])
+
+
+_NUMBER = r"-?\d+(?:\.\d+)?"
+_GROUP = re.compile(
+    rf"[\(\[]\s*({_NUMBER})\s*,\s*({_NUMBER})\s*(?:,\s*({_NUMBER})\s*,\s*({_NUMBER})\s*)?[\)\]]"
+)
+_PAIR_SEPARATOR = re.compile(r"\s*,?\s*$")
+_ANY_NUMBER = re.compile(_NUMBER)
+
+
+def parse_answer(text: str) -> Point | None:
+    """The click a model's answer means, in model coordinates; None when it means none.
+
+    Accepted: a point `(x, y)` or `[x, y]` (also inside JSON such as `{"point_2d": [x, y]}`),
+    a box `[x1, y1, x2, y2]` or Qwen2-VL's `(x1,y1),(x2,y2)` whose centre is the click, and
+    as a last resort a text holding exactly two numbers (`x=12 y=34`). The first bracketed
+    group wins, so a trailing label such as `"label": "button 2"` cannot move the click.
+    """
+    groups = list(_GROUP.finditer(text))
+    if groups:
+        first = groups[0]
+        numbers = [float(g) for g in first.groups() if g is not None]
+        if len(numbers) == 4:
+            return _centre((numbers[0], numbers[1], numbers[2], numbers[3]))
+        if len(groups) > 1 and groups[1].group(3) is None:
+            between = text[first.end() : groups[1].start()]
+            if _PAIR_SEPARATOR.match(between):
+                x2, y2 = float(groups[1].group(1)), float(groups[1].group(2))
+                return _centre((numbers[0], numbers[1], x2, y2))
+        return numbers[0], numbers[1]
+    numbers = _ANY_NUMBER.findall(text)
+    if len(numbers) == 2:
+        return float(numbers[0]), float(numbers[1])
+    return None
+
+
+def _centre(box: Box) -> Point:
+    return (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+
+
+def box_centre(box: Box) -> Point:
+    """Centre of an (x1, y1, x2, y2) box: the click a box target is trained as."""
+    return _centre(box)
