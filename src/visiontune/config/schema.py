@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -90,7 +90,11 @@ class CsvColumns(Section):
 
 
 class DataConfig(Section):
-    format: Literal["imagefolder", "csv"] = "imagefolder"
+    format: Literal["imagefolder", "csv", "labelme", "reasonseg", "coco", "mask_folder"] = Field(
+        default="imagefolder",
+        description="imagefolder/csv: classification; labelme (= reasonseg), coco, mask_folder: "
+        "segmentation.",
+    )
     train: Path
     val: Path | None = None
     test: Path | None = None
@@ -134,7 +138,118 @@ class ClassifyTaskConfig(Section):
     )
 
 
-TaskConfig = Annotated[ClassifyTaskConfig, Field(discriminator="type")]
+class SegmentLossConfig(Section):
+    """Per-mask losses, averaged over masks; defaults are LISA's weights."""
+
+    mask_loss: Literal["bce", "focal"] = "bce"
+    mask_weight: float = Field(default=2.0, ge=0, description="Weight of the BCE/focal term.")
+    dice_weight: float = Field(default=0.5, ge=0)
+    lm_weight: float = Field(
+        default=1.0, ge=0, description="Weight of the answer cross-entropy of a causal LM."
+    )
+    focal_gamma: float = Field(default=2.0, ge=0)
+    focal_alpha: float | None = Field(default=0.25, gt=0, lt=1)
+    ignore_in_loss: Literal["background", "exclude"] = Field(
+        default="background",
+        description="Ignore (255) pixels in training; metrics always drop them.",
+    )
+
+
+class SamOptions(Section):
+    lora_on: list[Literal["image_encoder", "mask_decoder"]] = Field(
+        default_factory=lambda: ["mask_decoder"],
+        description="SAM components that get the top-level `lora` adapters (image_encoder: its "
+        "fused qkv attention); with lora.enabled false they are fully trained instead.",
+    )
+    train_fully: list[Literal["prompt_encoder", "mask_decoder"]] = Field(
+        default_factory=list,
+        description="SAM components trained without LoRA (LISA: mask_decoder).",
+    )
+
+
+class TextModelConfig(ModelConfig):
+    """The text side of text-prompted segmentation: a causal LM or a text encoder."""
+
+    kind: Literal["auto", "causal_lm", "encoder"] = "auto"
+    tokenizer: str | None = Field(default=None, description="Default: name_or_path.")
+    max_length: int = Field(default=128, ge=8, description="Tokens per query, answer included.")
+    answer: str = Field(default="It is [SEG].", description="Must contain [SEG].")
+    train: Literal["lora", "full", "frozen"] = "lora"
+    lora: LoraConfig = LoraConfig(targets="qv")
+
+    @field_validator("answer")
+    @classmethod
+    def _has_seg(cls, value: str) -> str:
+        if "[SEG]" not in value:
+            raise ValueError("the answer must contain the [SEG] token")
+        return value
+
+
+class VisionTowerConfig(ModelConfig):
+    """Optional CLIP-style image encoder whose features reach the text model via a projector."""
+
+    train: Literal["frozen", "lora", "full"] = "frozen"
+    lora: LoraConfig = LoraConfig()
+
+
+class LabelmeOptions(Section):
+    target_labels: list[str] = Field(default_factory=lambda: ["target"])
+    ignore_labels: list[str] = Field(default_factory=lambda: ["ignore"])
+    skip_labels: list[str] = Field(default_factory=lambda: ["flag"])
+
+
+class MaskFolderOptions(Section):
+    images: str = "images"
+    masks: str = "masks"
+    ignore_value: int | None = Field(default=None, ge=0, le=65535)
+
+
+class SegmentTaskConfig(Section):
+    type: Literal["segment"] = "segment"
+    default_metric: ClassVar[str] = "giou"
+    prompt: Literal["none", "box", "points", "text"] = Field(
+        default="none", description="box/points are derived from the ground truth."
+    )
+    num_points: int = Field(default=1, ge=1)
+    instances: Literal["merge", "per_instance"] = "merge"
+    sam: SamOptions = SamOptions()
+    text_model: TextModelConfig | None = None
+    vision_tower: VisionTowerConfig | None = None
+    seg_projector_dim: int | None = Field(
+        default=None, ge=1, description="Hidden width of the [SEG] MLP (default: text hidden)."
+    )
+    loss: SegmentLossConfig = SegmentLossConfig()
+    mask_threshold: float = Field(default=0.0, description="On logits: 0.0 = probability 0.5.")
+    boundary_tolerance: int = Field(default=2, ge=0, description="Pixels, for boundary_f1.")
+    cache: Literal["auto", "off", "memory", "disk"] = Field(
+        default="auto",
+        description="Cache SAM image embeddings when the image encoder is frozen and inputs "
+        "are not augmented; auto = memory.",
+    )
+    cache_dir: Path | None = Field(default=None, description="For cache: disk.")
+    labelme: LabelmeOptions = LabelmeOptions()
+    mask_folder: MaskFolderOptions = MaskFolderOptions()
+    coco_images: Path | None = Field(default=None, description="Default: the JSON's folder.")
+    figures: int = Field(default=6, ge=0, description="Overlay examples saved per evaluation.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SegmentTaskConfig:
+        if self.prompt == "text" and self.text_model is None:
+            raise ValueError("prompt: text needs task.text_model")
+        if self.prompt != "text" and self.text_model is not None:
+            raise ValueError("task.text_model is only used with prompt: text")
+        if self.vision_tower is not None and self.text_model is None:
+            raise ValueError("task.vision_tower feeds the text model: set task.text_model too")
+        if self.instances == "per_instance" and self.prompt in ("none", "text"):
+            raise ValueError(
+                "instances: per_instance needs box or points prompts to tell them apart"
+            )
+        if self.cache == "disk" and self.cache_dir is None:
+            raise ValueError("cache: disk needs task.cache_dir")
+        return self
+
+
+TaskConfig = Annotated[ClassifyTaskConfig | SegmentTaskConfig, Field(discriminator="type")]
 
 _DURATION = re.compile(r"^\s*(?:(\d+)d)?\s*(?:(\d+)h)?\s*(?:(\d+)m)?\s*(?:(\d+)s)?\s*$")
 
@@ -256,6 +371,14 @@ class Config(Section):
         for criterion in value.values():
             parse_criterion(criterion)
         return value
+
+    @model_validator(mode="after")
+    def _task_metric(self) -> Config:
+        """Unless eval.metric is set, select on the task's own headline metric (segment: giou)."""
+        default = getattr(self.task, "default_metric", None)
+        if default is not None and "metric" not in self.eval.model_fields_set:
+            self.eval.metric = default
+        return self
 
     @property
     def run_dir(self) -> Path:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import numbers
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from visiontune.data.segmentation import (
     IGNORE,
     SHARED,
     TARGET,
+    Polygon,
     PolygonMasks,
     SegRecord,
     image_size,
@@ -121,7 +123,7 @@ def _read_one(
         points = _points(where, shape, width, height, clipped, path.name)
         group = shape.get("group_id")
         instance = SHARED if value == IGNORE else (int(group) if group is not None else -2 - index)
-        polygons.append(_polygon(points, value, instance))
+        polygons.append(Polygon(tuple(points), value, instance))
     sample_id = path.relative_to(root).with_suffix("").as_posix()
     return SegRecord(
         sample_id=sample_id,
@@ -132,12 +134,6 @@ def _read_one(
         texts=texts,
         is_sentence=bool(data.get("is_sentence", False)),
     )
-
-
-def _polygon(points: list[tuple[float, float]], value: int, instance: int):  # noqa: ANN202
-    from visiontune.data.segmentation import Polygon
-
-    return Polygon(tuple(points), value, instance)
 
 
 def _sibling_image(path: Path) -> Path:
@@ -164,10 +160,7 @@ def _points(
     """Validated polygon points, clipped to the image (counted per file for one warning)."""
     raw = shape.get("points")
     if not isinstance(raw, list) or not all(
-        isinstance(p, list | tuple)
-        and len(p) == 2
-        and all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in p)
-        for p in raw
+        isinstance(p, list | tuple) and len(p) == 2 and all(_is_number(v) for v in p) for p in raw
     ):
         raise DataError(f"{where}: points must be a list of [x, y] numbers, got {raw!r:.80}")
     points = [(float(x), float(y)) for x, y in raw]
@@ -179,8 +172,12 @@ def _points(
         raise DataError(f"{where}: shape_type {kind!r} is not supported (polygon, rectangle)")
     if len(points) < 3:
         raise DataError(f"{where}: a polygon needs at least 3 points, got {len(points)}")
-    inside = [(min(max(x, 0.0), width - 1.0), min(max(y, 0.0), height - 1.0)) for x, y in points]
+    inside = [(min(max(x, 0.0), float(width)), min(max(y, 0.0), float(height))) for x, y in points]
     moved = sum(a != b for a, b in zip(points, inside, strict=True))
     if moved:
         clipped[name] = clipped.get(name, 0) + moved
     return inside
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
