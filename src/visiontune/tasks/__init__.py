@@ -1,0 +1,1 @@
+"""Tasks: each implements visiontune.task.Task for one kind of problem."""
