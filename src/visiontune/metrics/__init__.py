@@ -1,0 +1,1 @@
+"""Metrics per task, plus acceptance criteria over any of them."""
