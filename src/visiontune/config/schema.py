@@ -90,10 +90,20 @@ class CsvColumns(Section):
 
 
 class DataConfig(Section):
-    format: Literal["imagefolder", "csv", "labelme", "reasonseg", "coco", "mask_folder"] = Field(
+    format: Literal[
+        "imagefolder",
+        "csv",
+        "labelme",
+        "reasonseg",
+        "coco",
+        "mask_folder",
+        "conversations",
+        "grounding",
+    ] = Field(
         default="imagefolder",
         description="imagefolder/csv: classification; labelme (= reasonseg), coco, mask_folder: "
-        "segmentation.",
+        "segmentation; conversations (LLaMA-Factory multimodal JSON/JSONL), grounding (image, "
+        "instruction, bbox or point, type): ground.",
     )
     train: Path
     val: Path | None = None
@@ -249,7 +259,76 @@ class SegmentTaskConfig(Section):
         return self
 
 
-TaskConfig = Annotated[ClassifyTaskConfig | SegmentTaskConfig, Field(discriminator="type")]
+class GroundTaskConfig(Section):
+    """Click grounding with a generative VLM (Qwen2-VL, Qwen2.5-VL): answer a point."""
+
+    type: Literal["ground"] = "ground"
+    default_metric: ClassVar[str] = "click_accuracy"
+    default_lora_targets: ClassVar[str] = "all-linear"
+    processor: str | None = Field(
+        default=None,
+        description="Hub id or directory of the tokenizer, image processor and chat template; "
+        "default: model.name_or_path.",
+    )
+    min_pixels: int = Field(
+        default=56 * 56, ge=28 * 28, description="Smallest resized image area, in pixels."
+    )
+    max_pixels: int = Field(
+        default=28 * 28 * 1280,
+        ge=28 * 28,
+        description="Largest resized image area (28*28 pixels per image token): the main "
+        "memory knob. Training, evaluation and prediction all use this value.",
+    )
+    coordinates: Literal["auto", "norm1000", "resized_pixels"] = Field(
+        default="auto",
+        description="Answer coordinates: norm1000 (Qwen2-VL, integers in [0, 1000)) or "
+        "resized_pixels (Qwen2.5-VL, pixels of the resized image); auto follows the model.",
+    )
+    prompt_template: str = Field(
+        default="{instruction}", description="User text around the instruction."
+    )
+    answer_template: str = Field(
+        default="({x},{y})", description="Assistant answer written for a click target."
+    )
+    system_prompt: str | None = None
+    box_format: Literal["xyxy", "xywh"] = Field(
+        default="xyxy", description="Order of `bbox` numbers in grounding data (xywh: ScreenSpot)."
+    )
+    max_length: int | None = Field(
+        default=None,
+        ge=16,
+        description="Longest conversation in tokens after image-token expansion; default: "
+        "the model's max_position_embeddings.",
+    )
+    too_long: Literal["skip", "error"] = Field(
+        default="skip", description="A longer conversation is skipped and counted, or an error."
+    )
+    freeze_vision: bool = Field(
+        default=True, description="false: LoRA also on the vision tower's linear layers."
+    )
+    train_projector: bool = Field(
+        default=False, description="Fully train the vision-to-language projector (merger)."
+    )
+    max_new_tokens: int = Field(default=32, ge=1, description="Answer length at eval/predict.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> GroundTaskConfig:
+        if self.min_pixels > self.max_pixels:
+            raise ValueError("task.min_pixels is larger than task.max_pixels")
+        if "{instruction}" not in self.prompt_template:
+            raise ValueError("task.prompt_template must contain {instruction}")
+        try:
+            self.answer_template.format(x=1, y=2)
+        except (KeyError, IndexError, ValueError):
+            raise ValueError("task.answer_template may only use {x} and {y}") from None
+        if "{x}" not in self.answer_template or "{y}" not in self.answer_template:
+            raise ValueError("task.answer_template must contain {x} and {y}")
+        return self
+
+
+TaskConfig = Annotated[
+    ClassifyTaskConfig | SegmentTaskConfig | GroundTaskConfig, Field(discriminator="type")
+]
 
 _DURATION = re.compile(r"^\s*(?:(\d+)d)?\s*(?:(\d+)h)?\s*(?:(\d+)m)?\s*(?:(\d+)s)?\s*$")
 
@@ -378,6 +457,14 @@ class Config(Section):
         default = getattr(self.task, "default_metric", None)
         if default is not None and "metric" not in self.eval.model_fields_set:
             self.eval.metric = default
+        return self
+
+    @model_validator(mode="after")
+    def _task_lora_targets(self) -> Config:
+        """Unless lora.targets is set, use the task's own default (ground: all-linear)."""
+        default = getattr(self.task, "default_lora_targets", None)
+        if default is not None and "targets" not in self.lora.model_fields_set:
+            self.lora.targets = default
         return self
 
     @property
