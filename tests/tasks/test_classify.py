@@ -12,8 +12,12 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from transformers import AutoConfig, AutoModelForImageClassification, ViTImageProcessorPil
 
+from visiontune.config import load_config
 from visiontune.config.schema import Config
+from visiontune.data.imagefolder import build_splits
+from visiontune.data.images import ImageSpec
 from visiontune.errors import ConfigError
+from visiontune.metrics.classification import classification_metrics
 from visiontune.task import Batch, Skipped
 from visiontune.tasks.classify import ClassifyTask
 
@@ -154,3 +158,24 @@ def test_unknown_referable_class_is_a_config_error(tmp_path: Path) -> None:
     task = task_for(tmp_path, task={"referable_from": "moderate"})
     with pytest.raises(ConfigError, match="task.referable_from: 'moderate' is not one of"):
         task.datasets()
+
+
+@pytest.mark.parametrize("name", ["dr_medsiglip.yaml", "dr_medsiglip_low_vram.yaml"])
+def test_dr_examples_read_the_aptos_layout_and_name_real_metrics(tmp_path: Path, name: str) -> None:
+    root = tmp_path / "aptos"
+    (root / "train_images").mkdir(parents=True)
+    grades = [0, 0, 0, 1, 2, 2, 3, 4, 4, 0] * 2
+    for i, grade in enumerate(grades):
+        Image.new("RGB", (30, 20), (grade * 50, 0, 0)).save(root / "train_images" / f"id{i}.png")
+    lines = "".join(f"id{i},{g}\n" for i, g in enumerate(grades))
+    (root / "train.csv").write_text("id_code,diagnosis\n" + lines)
+    examples = Path(__file__).parents[2] / "examples"
+    cfg = load_config(examples / name, [f"data.train={root / 'train.csv'}"])
+    classes, splits = build_splits(cfg, ImageSpec(16, (0.5,) * 3, (0.5,) * 3))
+    assert classes == ["none", "mild", "moderate", "severe", "proliferative"]
+    assert sorted(splits.train.labels + splits.val.labels) == sorted(grades)
+    probs = torch.eye(5)[torch.tensor(grades)]
+    metrics = classification_metrics(
+        probs, torch.tensor(grades), classes, classes.index("moderate")
+    )
+    assert set(cfg.acceptance) <= set(metrics.scalars)
