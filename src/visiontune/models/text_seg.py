@@ -1,0 +1,371 @@
+"""Text-prompted ("reasoning") segmentation in the style of LISA.
+
+A text model reads the query (optionally after CLIP image features brought to its width by a
+projector) followed by an answer that contains a `[SEG]` token. The last-layer hidden state at
+the position that predicts `[SEG]` (a causal LM) or at `[SEG]` itself (a bidirectional encoder
+such as MiniLM) goes through an MLP to SAM's prompt width and becomes the mask decoder's
+sparse prompt; the dense prompt is SAM's "no mask" embedding.
+
+The offset of `[SEG]` in the model's input is its position in the text plus the number of
+visual tokens actually inserted before it, read from the projected features' shape: LISA's
+hard-coded 255 is only right for its own 256-token image placeholder.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig as PeftLoraConfig
+from peft import get_peft_model
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+)
+
+from visiontune.config.schema import LoraConfig, ModelConfig, TextModelConfig, VisionTowerConfig
+from visiontune.errors import ConfigError
+from visiontune.models import sam as sam_parts
+from visiontune.models.load import DTYPES, build_config, load_model
+from visiontune.models.lora import keep_trainable_fp32, resolve_targets, unwrap
+
+log = logging.getLogger(__name__)
+
+SEG_TOKEN = "[SEG]"
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def _renamed(err: ConfigError, key: str) -> ConfigError:
+    """A loader error about `model.*` re-addressed to the component's own config key."""
+    return ConfigError([p.replace("model.", f"{key}.", 1) for p in err.problems])
+
+
+def component_config(mcfg: ModelConfig, key: str) -> Any:
+    """The transformers config of a component, from its inline dict or its hub id/dir."""
+    try:
+        if mcfg.config is not None:
+            return build_config(mcfg.config)
+        return AutoConfig.from_pretrained(
+            mcfg.name_or_path, revision=mcfg.revision, trust_remote_code=mcfg.trust_remote_code
+        )
+    except ConfigError as err:
+        raise _renamed(err, key) from None
+    except (OSError, ValueError) as err:
+        raise ConfigError(
+            [f"{key}.name_or_path: cannot load {mcfg.name_or_path!r}: {err}"]
+        ) from None
+
+
+def text_kind(tcfg: TextModelConfig, config: Any) -> str:
+    """causal_lm or encoder: the config's architectures, else its model type's head mappings."""
+    if tcfg.kind != "auto":
+        return tcfg.kind
+    architectures = getattr(config, "architectures", None) or []
+    if architectures:
+        return "causal_lm" if any(a.endswith("ForCausalLM") for a in architectures) else "encoder"
+    model_type = config.model_type
+    causal = model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    return (
+        "causal_lm" if causal and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES else "encoder"
+    )
+
+
+def load_tokenizer(tcfg: TextModelConfig) -> Any:
+    """The text model's tokenizer with `[SEG]` added as a special token."""
+    source = tcfg.tokenizer or tcfg.name_or_path
+    if source is None:
+        raise ConfigError(["task.text_model.tokenizer: required when the text model is inline"])
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            source, revision=tcfg.revision, trust_remote_code=tcfg.trust_remote_code
+        )
+    except (OSError, ValueError) as err:
+        raise ConfigError([f"task.text_model.tokenizer: cannot load {source!r}: {err}"]) from None
+    tokenizer.add_special_tokens({"additional_special_tokens": [SEG_TOKEN]})
+    return tokenizer
+
+
+def load_text_model(tcfg: TextModelConfig, tokenizer: Any) -> tuple[nn.Module, str]:
+    """The text model (room made for `[SEG]` in its vocabulary) and its kind."""
+    kind = text_kind(tcfg, component_config(tcfg, "task.text_model"))
+    auto = AutoModelForCausalLM if kind == "causal_lm" else AutoModel
+    try:
+        model = load_model(auto, tcfg)
+    except ConfigError as err:
+        raise _renamed(err, "task.text_model") from None
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    return model, kind
+
+
+def load_vision_tower(vcfg: VisionTowerConfig) -> nn.Module:
+    """A CLIP-style image encoder; from a two-tower checkpoint only its vision half is built."""
+    config = component_config(vcfg, "task.vision_tower")
+    vision = getattr(config, "vision_config", None)
+    dtype = DTYPES[vcfg.dtype]
+    if vcfg.config is not None:
+        return AutoModel.from_config(vision or config, dtype=dtype)
+    if vision is None:
+        return load_model(AutoModel, vcfg)
+    return AutoModel.from_pretrained(
+        vcfg.name_or_path,
+        config=vision,
+        revision=vcfg.revision,
+        trust_remote_code=vcfg.trust_remote_code,
+        dtype=dtype,
+    )
+
+
+def apply_component_lora(
+    model: nn.Module, mode: str, lora: LoraConfig, key: str, token_ids: list[int] | None = None
+) -> nn.Module:
+    """frozen, full, or LoRA (plus trainable rows for new tokens such as `[SEG]`)."""
+    if mode == "frozen":
+        return model.requires_grad_(False)
+    if mode == "full":
+        return keep_trainable_fp32(model.requires_grad_(True))
+    if not lora.enabled:
+        raise ConfigError(
+            [f"{key}.lora.enabled: false conflicts with train: lora; use train: full"]
+        )
+    try:
+        targets = resolve_targets(model, lora.targets)
+    except ConfigError as err:
+        raise ConfigError([p.replace("lora.", f"{key}.lora.", 1) for p in err.problems]) from None
+    peft_cfg = PeftLoraConfig(
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=targets,
+        modules_to_save=None if lora.modules_to_save == "auto" else lora.modules_to_save,
+        trainable_token_indices=_token_rows(model, token_ids),
+    )
+    return keep_trainable_fp32(get_peft_model(model, peft_cfg, autocast_adapter_dtype=True))
+
+
+def _token_rows(model: nn.Module, token_ids: list[int] | None) -> dict[str, list[int]] | None:
+    """Trainable rows for new tokens in the input embedding and, when untied, the LM head.
+
+    Training the new rows only (not the whole 128k x 2048 matrix LISA trains) keeps Llama-3.2-1B
+    within 8 GB; an untied LM head needs its own `[SEG]` row or the answer loss cannot learn it.
+    """
+    if not token_ids:
+        return None
+    names = {id(module): name for name, module in model.named_modules()}
+    embedding = model.get_input_embeddings()
+    rows = {names[id(embedding)]: list(token_ids)}
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and head.weight is not embedding.weight:
+        rows[names[id(head)]] = list(token_ids)
+    return rows
+
+
+def mlp(in_dim: int, hidden: int, out_dim: int, activation: type[nn.Module]) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(in_dim, hidden), activation(), nn.Linear(hidden, out_dim))
+
+
+@dataclass
+class TextSegOutput:
+    mask_logits: torch.Tensor  # (B, 4h, 4w) low-resolution logits
+    lm_loss: torch.Tensor | None  # (B,) mean answer-token cross-entropy per query
+    visual_tokens: int
+
+
+class TextPromptedSegmenter(nn.Module):
+    """SAM + a text model (+ an optional vision tower); `forward` runs the whole chain.
+
+    Keeping the chain in `forward` (rather than in the task) lets a DDP wrapper see every
+    trainable parameter used in one call.
+    """
+
+    def __init__(
+        self,
+        sam: nn.Module,
+        text_model: nn.Module,
+        kind: str,
+        visual_insert_at: int,
+        vision_tower: nn.Module | None = None,
+        projector_dim: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.sam = sam
+        self.text_model = text_model
+        self.vision_tower = vision_tower
+        self.is_causal = kind == "causal_lm"
+        self.visual_insert_at = visual_insert_at
+        width = unwrap(text_model).config.hidden_size
+        prompt_dim = sam_parts.core(sam).config.prompt_encoder_config.hidden_size
+        self.seg_projector = mlp(width, projector_dim or width, prompt_dim, nn.ReLU)
+        self.vision_projector = None
+        if vision_tower is not None:
+            vision_width = unwrap(vision_tower).config.hidden_size
+            self.vision_projector = mlp(vision_width, width, width, nn.GELU)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        seg_index: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        clip_pixel_values: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_embeddings: torch.Tensor | None = None,
+    ) -> TextSegOutput:
+        if image_embeddings is None:
+            assert pixel_values is not None, "pass pixel_values or cached image_embeddings"
+            image_embeddings = sam_parts.image_embeddings(self.sam, pixel_values)
+        hidden, labels, attention_mask, visual = self._text_states(
+            input_ids, attention_mask, labels, clip_pixel_values
+        )
+        position = seg_index + visual - (1 if self.is_causal else 0)
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        seg_hidden = hidden[rows, position]
+        prompt = self.seg_projector(seg_hidden.to(self.seg_projector[0].weight.dtype))
+        count = image_embeddings.shape[0]
+        masks = sam_parts.decode_masks(
+            self.sam,
+            image_embeddings,
+            prompt[:, None, None, :],
+            sam_parts.no_mask_dense(self.sam, count),
+        )
+        lm_loss = (
+            self._answer_loss(hidden, labels) if self.is_causal and labels is not None else None
+        )
+        return TextSegOutput(masks, lm_loss, visual)
+
+    def _text_states(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor | None,
+        clip_pixel_values: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, int]:
+        """Last-layer hidden states with the visual tokens spliced in after the prefix."""
+        base = unwrap(self.text_model)
+        embeds = base.get_input_embeddings()(input_ids)
+        visual = 0
+        if self.vision_tower is not None and self.vision_projector is not None:
+            assert clip_pixel_values is not None, "the vision tower needs clip_pixel_values"
+            tokens = self._visual_tokens(clip_pixel_values).to(embeds.dtype)
+            visual = tokens.shape[1]
+            at = self.visual_insert_at
+            embeds = torch.cat([embeds[:, :at], tokens, embeds[:, at:]], dim=1)
+            ones = attention_mask.new_ones(attention_mask.shape[0], visual)
+            attention_mask = torch.cat([attention_mask[:, :at], ones, attention_mask[:, at:]], 1)
+            if labels is not None:
+                ignore = labels.new_full((labels.shape[0], visual), -100)
+                labels = torch.cat([labels[:, :at], ignore, labels[:, at:]], dim=1)
+        trunk = base.get_decoder() if self.is_causal else self.text_model
+        out = trunk(inputs_embeds=embeds, attention_mask=attention_mask)
+        return out.last_hidden_state, labels, attention_mask, visual
+
+    def _visual_tokens(self, clip_pixel_values: torch.Tensor) -> torch.Tensor:
+        """Penultimate-layer patch features (LLaVA's choice), CLS dropped when present."""
+        assert self.vision_tower is not None and self.vision_projector is not None
+        tower = self.vision_tower
+        dtype = next(tower.parameters()).dtype
+        out = tower(pixel_values=clip_pixel_values.to(dtype), output_hidden_states=True)
+        features = out.hidden_states[-2]
+        config = unwrap(tower).config
+        patches = (config.image_size // config.patch_size) ** 2
+        if features.shape[1] == patches + 1:
+            features = features[:, 1:]
+        return self.vision_projector(features.to(self.vision_projector[0].weight.dtype))
+
+    def _answer_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy over each query's answer tokens, in fp32.
+
+        Only the answer positions go through the LM head: with a 128k vocabulary, logits for
+        every position (visual tokens included) would cost more memory than the model.
+        """
+        head = unwrap(self.text_model).get_output_embeddings()
+        targets = labels[:, 1:]
+        chosen = targets != -100
+        logits = head(hidden[:, :-1][chosen]).float()
+        per_token = F.cross_entropy(logits, targets[chosen], reduction="none")
+        owner = torch.nonzero(chosen, as_tuple=True)[0]
+        sums = torch.zeros(labels.shape[0], device=hidden.device).index_add(0, owner, per_token)
+        counts = chosen.sum(1).clamp(min=1)
+        return sums / counts
+
+
+def component_rows(model: TextPromptedSegmenter) -> list[tuple[str, int, int]]:
+    """(component, trainable, total) per component, SAM split into its three parts."""
+    rows = sam_parts.component_rows(model.sam)
+    parts: dict[str, nn.Module | None] = {
+        "text_model": model.text_model,
+        "vision_tower": model.vision_tower,
+        "vision_projector": model.vision_projector,
+        "seg_projector": model.seg_projector,
+    }
+    for name, module in parts.items():
+        if module is not None:
+            params = list(module.parameters())
+            trainable = sum(p.numel() for p in params if p.requires_grad)
+            rows.append((name, trainable, sum(p.numel() for p in params)))
+    return rows
+
+
+class QueryEncoder:
+    """Queries -> input ids `prefix + query + answer (+ suffix)`, `[SEG]` index, answer labels.
+
+    A query longer than the budget is cut (never the answer, which holds `[SEG]`) and named in
+    a warning once per sample, so a too-long prompt is visible rather than silently clipped.
+    """
+
+    def __init__(self, tokenizer: Any, kind: str, answer: str, max_length: int) -> None:
+        self.tokenizer = tokenizer
+        self.causal = kind == "causal_lm"
+        self.seg_id = tokenizer.convert_tokens_to_ids(SEG_TOKEN)
+        bare = tokenizer("a", add_special_tokens=False).input_ids
+        full = tokenizer("a").input_ids
+        start = next(i for i in range(len(full)) if full[i : i + len(bare)] == bare)
+        self.prefix = full[:start]
+        self.suffix = [] if self.causal else full[start + len(bare) :]
+        self.answer = tokenizer(" " + answer, add_special_tokens=False).input_ids
+        if self.causal and tokenizer.eos_token_id is not None:
+            self.answer.append(tokenizer.eos_token_id)
+        self.budget = max_length - len(self.prefix) - len(self.answer) - len(self.suffix)
+        if self.budget < 1:
+            raise ConfigError(
+                [f"task.text_model.max_length: {max_length} tokens leave no room for a query"]
+            )
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.warned: set[str] = set()
+
+    def encode(self, texts: list[str], sample_ids: list[str]) -> dict[str, torch.Tensor]:
+        rows, labels, seg_index = [], [], []
+        for text, sample_id in zip(texts, sample_ids, strict=True):
+            query = self.tokenizer(text, add_special_tokens=False).input_ids
+            if len(query) > self.budget:
+                if sample_id not in self.warned:
+                    self.warned.add(sample_id)
+                    log.warning(
+                        "%s: query of %d tokens truncated to %d (task.text_model.max_length)",
+                        sample_id,
+                        len(query),
+                        self.budget,
+                    )
+                query = query[: self.budget]
+            head = len(self.prefix) + len(query)
+            rows.append(self.prefix + query + self.answer + self.suffix)
+            labels.append([-100] * head + self.answer + [-100] * len(self.suffix))
+            seg_index.append(head + self.answer.index(self.seg_id))
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        label_ids = torch.full((len(rows), width), -100, dtype=torch.long)
+        for i, (row, label) in enumerate(zip(rows, labels, strict=True)):
+            ids[i, : len(row)] = torch.tensor(row)
+            mask[i, : len(row)] = 1
+            label_ids[i, : len(label)] = torch.tensor(label)
+        out = {"input_ids": ids, "attention_mask": mask, "seg_index": torch.tensor(seg_index)}
+        if self.causal:
+            out["labels"] = label_ids
+        return out
