@@ -108,12 +108,18 @@ def _parse_json(text: str, where: str) -> Any:
         raise DataError(f"{where}: not valid JSON: {err}") from None
 
 
-def load_conversations(path: Path) -> list[Conversation]:
-    """Read LLaMA-Factory multimodal records and check them (DataError listing all problems)."""
+def load_conversations(
+    path: Path, box_format: Literal["xyxy", "xywh"] = "xyxy"
+) -> list[Conversation]:
+    """Read LLaMA-Factory multimodal records and check them (DataError listing all problems).
+
+    A record may also carry a `bbox` or `point` (pixels of its first image) and a `type`:
+    LLaMA-Factory ignores them, and evaluation uses them to score the generated clicks.
+    """
     samples, problems = [], []
     for name, record in read_records(path):
         try:
-            samples.append(_conversation(name, record, path.parent))
+            samples.append(_conversation(name, record, path.parent, box_format))
         except _Problem as problem:
             problems.append(f"{name}: {problem}")
     return _checked(samples, problems, path)
@@ -134,7 +140,9 @@ class _Problem(Exception):
     """A problem with one record; collected, then reported together."""
 
 
-def _conversation(name: str, record: dict[str, Any], root: Path) -> Conversation:
+def _conversation(
+    name: str, record: dict[str, Any], root: Path, box_format: Literal["xyxy", "xywh"]
+) -> Conversation:
     messages = _messages(record)
     images = record.get("images", [])
     if isinstance(images, str):
@@ -148,7 +156,10 @@ def _conversation(name: str, record: dict[str, Any], root: Path) -> Conversation
             f"{len(images)} image(s) in `images`; they must match one to one"
         )
     _check_turns(messages)
-    return Conversation(name, messages, [_resolve(root, i) for i in images])
+    target = _target(record, box_format) if "bbox" in record or "point" in record else None
+    if target is not None and not images:
+        raise _Problem("a `bbox` or `point` needs an image to lie in")
+    return Conversation(name, messages, [_resolve(root, i) for i in images], target)
 
 
 def _messages(record: dict[str, Any]) -> list[dict[str, str]]:
@@ -194,6 +205,12 @@ def _grounding(
     instruction = record.get("instruction")
     if not isinstance(instruction, str) or not instruction.strip():
         raise _Problem("empty instruction")
+    target = _target(record, box_format)
+    messages = [{"role": "user", "content": IMAGE_PLACEHOLDER + instruction.strip()}]
+    return Conversation(name, messages, [_resolve(root, image)], target, instruction.strip())
+
+
+def _target(record: dict[str, Any], box_format: Literal["xyxy", "xywh"]) -> ClickTarget:
     kind = record.get("type", record.get("data_type"))
     target = ClickTarget(
         box=_box(record["bbox"], box_format) if "bbox" in record else None,
@@ -202,8 +219,7 @@ def _grounding(
     )
     if (target.box is None) == (target.point is None):
         raise _Problem("give exactly one target: `bbox` or `point`")
-    messages = [{"role": "user", "content": IMAGE_PLACEHOLDER + instruction.strip()}]
-    return Conversation(name, messages, [_resolve(root, image)], target, instruction.strip())
+    return target
 
 
 def _box(value: Any, box_format: Literal["xyxy", "xywh"]) -> Box:
