@@ -444,6 +444,14 @@ class Config(Section):
     )
     tracking: TrackingConfig = TrackingConfig()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _task_type_defaults_to_classify(cls, raw: Any) -> Any:
+        """`task: {loss: ...}` without `type` means the default task, classify."""
+        if isinstance(raw, dict) and isinstance(raw.get("task"), dict):
+            raw = {**raw, "task": {"type": "classify", **raw["task"]}}
+        return raw
+
     @field_validator("acceptance")
     @classmethod
     def _criteria(cls, value: dict[str, str]) -> dict[str, str]:

@@ -61,7 +61,7 @@ class TrainState:
 
 class Loop:
     def __init__(self, cfg: Config, task: Task, model: nn.Module, splits: Splits, run: RunDir):
-        self.cfg, self.task, self.splits, self.run = cfg, task, splits, run
+        self.cfg, self.task, self.splits, self.rundir = cfg, task, splits, run
         self.device = resolve_device(cfg.train.device)
         self.model = model.to(self.device)
         self.precision = Precision(cfg.precision, self.device)
@@ -179,7 +179,7 @@ class Loop:
             "step_time_s": seconds,
             "peak_memory_mb": peak_memory_mb(self.device),
         }
-        self.run.append_jsonl(self.run.metrics, record)
+        self.rundir.append_jsonl(self.rundir.metrics, record)
         if self.tracker:
             self.tracker.log(self.state.step, record, "train")
         return record
@@ -188,7 +188,7 @@ class Loop:
         """Evaluate, save and decide whether to stop; True ends the loop."""
         step = self.state.step
         every_eval = self.cfg.eval.every_steps
-        if every_eval and step % every_eval == 0 and step < self.total_steps:
+        if every_eval and step % every_eval == 0:
             self.evaluate()
         every_save = self.cfg.checkpoint.every_steps
         if every_save and step % every_save == 0:
@@ -252,7 +252,7 @@ class Loop:
         if self.state.skipped_samples > self.cfg.data.max_bad_samples:
             raise TrainingError(
                 f"{self.state.skipped_samples} samples could not be loaded, more than "
-                f"data.max_bad_samples={self.cfg.data.max_bad_samples}; see {self.run.log}"
+                f"data.max_bad_samples={self.cfg.data.max_bad_samples}; see {self.rundir.log}"
             )
 
     def eval_dataset(self) -> Dataset | None:
@@ -276,11 +276,11 @@ class Loop:
             self.state.best_metric, self.state.best_step = scalars[name], self.state.step
             self.state.evals_without_improvement = 0
             self.save_best()
-            self.task.save_figures(metrics, self.run.figures)
+            self.task.save_figures(metrics, self.rundir.figures)
         else:
             self.state.evals_without_improvement += 1
         self.state.last_eval = {"step": self.state.step, **scalars}
-        self.run.append_jsonl(self.run.evals, {"step": self.state.step, **scalars})
+        self.rundir.append_jsonl(self.rundir.evals, {"step": self.state.step, **scalars})
         if self.tracker:
             self.tracker.log(self.state.step, scalars, "eval")
         shown = ", ".join(f"{k} {v:.4f}" for k, v in list(scalars.items())[:6])
@@ -294,7 +294,7 @@ class Loop:
             ckpt.write_weights(self.model, directory, self.cfg.model.name_or_path)
             (directory / "config.yaml").write_text(dump_yaml(self.cfg))
 
-        ckpt.write_atomically(self.run.best, fill, {"step": self.state.step})
+        ckpt.write_atomically(self.rundir.best, fill, {"step": self.state.step})
 
     def save_checkpoint(self) -> Path:
         def fill(directory: Path) -> None:
@@ -308,19 +308,19 @@ class Loop:
             (directory / "config.yaml").write_text(dump_yaml(self.cfg))
 
         meta = {"step": self.state.step, "config_hash": config_hash(self.cfg)}
-        path = self.run.checkpoints / f"{ckpt.STEP_PREFIX}{self.state.step:08d}"
+        path = self.rundir.checkpoints / f"{ckpt.STEP_PREFIX}{self.state.step:08d}"
         ckpt.write_atomically(path, fill, meta)
         keep = (
             {self.state.best_step}
             if self.cfg.checkpoint.keep_best and self.state.best_step
             else set()
         )
-        ckpt.prune(self.run.checkpoints, self.cfg.checkpoint.keep_last, keep)
+        ckpt.prune(self.rundir.checkpoints, self.cfg.checkpoint.keep_last, keep)
         log.info("saved checkpoint %s", path)
         return path
 
     def latest_saved_step(self) -> int | None:
-        latest = ckpt.latest_complete(self.run.checkpoints)
+        latest = ckpt.latest_complete(self.rundir.checkpoints)
         return None if latest is None else int(latest.name.removeprefix(ckpt.STEP_PREFIX))
 
     def resume_from(self, directory: Path) -> None:
