@@ -76,8 +76,9 @@ class ResizedPixelCodec:
 
     def encode(self, point: Point, size: tuple[int, int]) -> tuple[int, int]:
         new_width, new_height = self.resized_size(size)
-        x = _bin(point[0] * new_width / size[0], new_width - 1)
-        y = _bin(point[1] * new_height / size[1], new_height - 1)
+        # the right and bottom edges (x = width) are valid coordinates of the resized image
+        x = _bin(point[0] * new_width / size[0], new_width)
+        y = _bin(point[1] * new_height / size[1], new_height)
         return x, y
 
     def decode(self, point: Point, size: tuple[int, int]) -> Point:

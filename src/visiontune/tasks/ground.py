@@ -241,7 +241,6 @@ class GroundTask:
             model.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False}
             )
-        model.config.use_cache = False
         language = submodule_name(model, "language_model")
         vision = submodule_name(model, "visual")
         projector = f"{vision}.merger"
@@ -365,6 +364,10 @@ class GroundTask:
             log.info("%s: %r -> %s", path, instruction, record["point"] or f"unparseable {text!r}")
             records.append(record)
         return records
+
+    def export_files(self, out_dir: Path) -> None:
+        """The processor files a merged export needs to be used on its own."""
+        self.processor.save_pretrained(out_dir)
 
     def save_figures(self, metrics: Metrics, out_dir: Path) -> list[Path]:
         """Click accuracy overall and per type, as a bar chart."""

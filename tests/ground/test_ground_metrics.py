@@ -1,0 +1,58 @@
+"""Click metrics against values computed by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from visiontune.metrics.grounding import ClickOutcome, click_hit, click_metrics
+
+BOX = (0.0, 0.0, 10.0, 10.0)
+OUTCOMES = [
+    # inside: distance to the centre (5, 5) is 0
+    ClickOutcome("a", (5.0, 5.0), (100, 100), BOX, type="text"),
+    # on the corner: edges are inclusive; distance hypot(5/100, 5/100)
+    ClickOutcome("b", (10.0, 10.0), (100, 100), BOX, type="text"),
+    # just outside the right edge; distance 5.01/100
+    ClickOutcome("c", (10.01, 5.0), (100, 100), BOX, type="icon"),
+    # unparseable: a miss that stays in the denominator, no distance
+    ClickOutcome("d", None, (100, 100), BOX, type="icon"),
+    # point target (no box): distance only, 10 px of a 100 px wide image
+    ClickOutcome("e", (60.0, 50.0), (100, 200), target_point=(50.0, 50.0)),
+]
+
+
+def test_click_hit_is_edge_inclusive() -> None:
+    assert click_hit((0, 0), BOX) and click_hit((10, 10), BOX) and click_hit((10, 0), BOX)
+    assert not click_hit((10.001, 5), BOX) and not click_hit((5, -0.001), BOX)
+
+
+def test_click_metrics_by_hand() -> None:
+    m = click_metrics(OUTCOMES)
+    corner = math.hypot(0.05, 0.05)
+    assert m["click_accuracy"] == pytest.approx(2 / 4)
+    assert m["unparseable"] == 1.0
+    assert m["unparseable_rate"] == pytest.approx(1 / 5)
+    assert m["samples"] == 5.0
+    assert m["distance"] == pytest.approx((0 + corner + 0.0501 + 0.1) / 4)
+    assert m["click_accuracy.text"] == 1.0
+    assert m["distance.text"] == pytest.approx(corner / 2)
+    assert m["click_accuracy.icon"] == 0.0
+    assert m["distance.icon"] == pytest.approx(0.0501)
+    assert m["samples.text"] == 2.0 and m["samples.icon"] == 2.0
+
+
+def test_all_unparseable_scores_zero_not_missing() -> None:
+    m = click_metrics(
+        [ClickOutcome("x", None, (10, 10), BOX), ClickOutcome("y", None, (10, 10), BOX)]
+    )
+    assert m["click_accuracy"] == 0.0
+    assert m["unparseable"] == 2.0 and m["unparseable_rate"] == 1.0
+    assert "distance" not in m
+
+
+def test_point_targets_only_have_no_accuracy() -> None:
+    m = click_metrics([ClickOutcome("p", (3.0, 4.0), (10, 10), target_point=(0.0, 0.0))])
+    assert "click_accuracy" not in m
+    assert m["distance"] == pytest.approx(0.5)  # hypot(0.3, 0.4)
