@@ -138,6 +138,7 @@ class Loop:
         window = self.next_window()
         loss_sum = torch.zeros((), device=self.device)
         count = 0
+        divisor = 0
         for micro in window:
             with self.precision.autocast():
                 out = self.task.loss(self.model, micro)
@@ -147,18 +148,22 @@ class Loop:
                     f"(epoch {self.state.epoch}), micro-batch with samples {micro.ids[:8]}; "
                     "try a lower optim.lr, precision bf16/fp32, or train.detect_anomaly: true"
                 )
-            self.precision.backward(out.loss_sum)
+            # One divisor for the whole window keeps gradient magnitudes mean-like (fp16
+            # headroom); the exact window count is applied below, once it is known.
+            divisor = divisor or max(int(out.count), 1) * len(window)
+            self.precision.backward(out.loss_sum / divisor)
             loss_sum += out.loss_sum.detach().float()
             count += int(out.count)
         self.precision.unscale(self.optimizer)
         for param in self.params:
             if param.grad is not None:
-                param.grad.div_(max(count, 1))
+                param.grad.mul_(divisor / max(count, 1))
         max_norm = self.cfg.train.max_grad_norm or math.inf
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
         lr = self.optimizer.param_groups[0]["lr"]
         applied = self.precision.step(self.optimizer)
-        self.scheduler.step()
+        if applied:  # an fp16 overflow skips the update, and so does not advance the schedule
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
         samples = sum(len(m) for m in window)
