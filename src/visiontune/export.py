@@ -92,7 +92,7 @@ def push_to_hub(
         info: Any = api.upload_folder(
             folder_path=str(folder), repo_id=repo_id, commit_message=commit_message
         )
-    except HfHubHTTPError as err:
+    except (HfHubHTTPError, ValueError) as err:
         first = str(err).strip().splitlines()[0]
         raise VisiontuneError(f"push to {repo_id} failed: {first}") from None
     url = str(getattr(info, "commit_url", info))
