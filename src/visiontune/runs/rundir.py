@@ -42,6 +42,8 @@ class RunDir:
         """Create the run dir; refuse an existing one unless resuming or overwriting.
 
         `--overwrite` never deletes: the old directory is renamed aside with a timestamp.
+        `--resume` of a run that does not exist yet starts it, so one SLURM script serves the
+        first job and every requeued one.
         """
         if root.exists() and any(root.iterdir()):
             if overwrite:
@@ -54,7 +56,7 @@ class RunDir:
                     "--overwrite to start again (the old one is kept, renamed aside)"
                 )
         elif resume:
-            raise VisiontuneError(f"--resume: run directory {root} does not exist")
+            logging.getLogger(LOGGER).warning("--resume: %s is new; starting at step 0", root)
         root.mkdir(parents=True, exist_ok=True)
         return cls(root)
 
