@@ -25,7 +25,7 @@ from visiontune.errors import VisiontuneError
 from visiontune.models.lora import check_trainable_share, trainable_report
 from visiontune.runs.report import plot_training, write_summary
 from visiontune.runs.rundir import LOGGER, RunDir, setup_logging
-from visiontune.task import Metrics, Task
+from visiontune.task import Metrics, Task, resolved_config
 
 log = logging.getLogger(LOGGER)
 
@@ -69,7 +69,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> TrainRe
     task = make_task(cfg)
     splits = task.datasets()
     model = build_model(task, cfg, run)
-    run.config.write_text(dump_yaml(cfg))
+    run.config.write_text(dump_yaml(resolved_config(task, cfg)))
     loop = Loop(cfg, task, model, splits, run)
     if resume:
         latest = ckpt.latest_complete(run.checkpoints)

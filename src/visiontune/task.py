@@ -19,6 +19,8 @@ if TYPE_CHECKING:
     from torch import nn
     from torch.utils.data import DataLoader, Dataset
 
+    from visiontune.config.schema import Config
+
 
 @dataclass
 class Skipped:
@@ -107,3 +109,10 @@ class Task(Protocol):
 
     def save_figures(self, metrics: Metrics, out_dir: Path) -> list[Path]:
         """Write pictures of an evaluation (confusion matrix, masks); return their paths."""
+
+
+def resolved_config(task: Task, cfg: Config) -> Config:
+    """The config to store with a run: a task may pin what it discovered in the data (the
+    class order) through an optional `resolved_config()` method."""
+    hook = getattr(task, "resolved_config", None)
+    return hook() if callable(hook) else cfg

@@ -15,6 +15,23 @@ from visiontune.config.schema import Config
 from visiontune.errors import ConfigError
 
 
+ALIASES = {
+    "learning_rate": "lr",
+    "batch_size": "micro_batch_size",
+    "per_device_train_batch_size": "micro_batch_size",
+    "gradient_accumulation_steps": "grad_accum_steps",
+    "num_train_epochs": "epochs",
+    "num_epochs": "epochs",
+    "r": "rank",
+    "lora_r": "rank",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "target_modules": "targets",
+    "warmup": "warmup_steps",
+}
+"""Names users bring from Hugging Face Trainer and PEFT, too far from ours for difflib."""
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     """Read `path`, apply `key.sub=value` overrides, validate; raise ConfigError listing all."""
     path = Path(path)
@@ -75,7 +92,9 @@ def describe_errors(err: ValidationError) -> list[str]:
         dotted = ".".join(loc) or "(top level)"
         if e["type"] == "extra_forbidden":
             known = _known_keys(loc[:-1])
-            close = difflib.get_close_matches(loc[-1], known, n=1, cutoff=0.5)
+            alias = ALIASES.get(loc[-1])
+            close = [alias] if alias in known else []
+            close = close or difflib.get_close_matches(loc[-1], known, n=1, cutoff=0.5)
             hint = f"; did you mean `{'.'.join([*loc[:-1], close[0]])}`?" if close else ""
             lines.append(f"{dotted}: unknown key{hint}")
         elif e["type"] == "missing":

@@ -63,6 +63,12 @@ class ClassifyTask:
     def datasets(self) -> Splits:
         return self._splits()[1]
 
+    def resolved_config(self) -> Config:
+        """The config with the discovered class order pinned, so that eval and predict of the
+        run never depend on re-reading (possibly moved) training data."""
+        data = self.cfg.data.model_copy(update={"classes": self.classes})
+        return self.cfg.model_copy(update={"data": data})
+
     def _splits(self) -> tuple[list[str], Splits]:
         if self._built is None:
             classes, splits = build_splits(self.cfg, self.spec)
