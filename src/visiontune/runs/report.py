@@ -28,7 +28,7 @@ def write_summary(
         "run_dir": str(run.root.resolve()),
         "status": state.stop_reason,
         "steps": state.step,
-        "epochs_completed": state.epoch,
+        "epochs": steps[-1]["epoch"] if steps else 0.0,
         "samples_seen": state.samples_seen,
         "skipped_samples": state.skipped_samples,
         "best": {"metric": cfg.eval.metric, "value": state.best_metric, "step": state.best_step},
