@@ -86,7 +86,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> TrainRe
             source,
         )
     state = loop.run()
-    plot_training(run)
+    plot_training(run, cfg.train.max_grad_norm)
     summary = write_summary(run, cfg, state, model, time.monotonic() - started)
     log.info("run directory: %s", run.root.resolve())
     return TrainResult(run.root, state, summary)

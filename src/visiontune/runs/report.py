@@ -45,11 +45,12 @@ def write_summary(
     run.write_json(run.summary, summary)
     for name, verdict in verdicts.items():
         mark = "PASS" if verdict["passed"] else "FAIL"
-        log.info("acceptance %s: %s %s (value %s)", mark, name, verdict["criterion"], verdict["value"])
+        criterion, value = verdict["criterion"], verdict["value"]
+        log.info("acceptance %s: %s %s (value %s)", mark, name, criterion, value)
     return summary
 
 
-def plot_training(run: RunDir) -> Path | None:
+def plot_training(run: RunDir, max_grad_norm: float | None) -> Path | None:
     """Loss (raw and smoothed), learning rate, gradient norm and eval metrics over steps."""
     steps = read_jsonl(run.metrics)
     if not steps:
@@ -65,7 +66,10 @@ def plot_training(run: RunDir) -> Path | None:
     ax = axes[0][0]
     ax.plot(x, [r["loss"] for r in steps], alpha=0.3, label="loss per step")
     ax.plot(x, smooth([r["loss"] for r in steps]), label="smoothed (EMA)")
-    ax.set(title="training loss", xlabel="optimizer step")
+    eval_losses = [(e["step"], e["loss"]) for e in evals if "loss" in e]
+    if eval_losses:
+        ax.plot(*zip(*eval_losses, strict=True), "ko-", label="eval loss")
+    ax.set(title="loss", xlabel="optimizer step")
     ax.legend()
     axes[0][1].plot(x, [r["lr"] for r in steps])
     axes[0][1].set(title="learning rate", xlabel="optimizer step")
@@ -74,11 +78,13 @@ def plot_training(run: RunDir) -> Path | None:
     clipped = [r["step"] for r in steps if r["clipped"]]
     if clipped:
         ax.plot(clipped, [r["grad_norm"] for r in steps if r["clipped"]], "r.", label="clipped")
+    if max_grad_norm is not None:
+        ax.axhline(max_grad_norm, color="gray", linestyle="--", label="clip threshold")
     ax.set(title="gradient norm", xlabel="optimizer step", yscale="log")
     ax.legend()
     ax = axes[1][1]
     if evals:
-        for key in [k for k in evals[-1] if k != "step" and "." not in k][:5]:
+        for key in [k for k in evals[-1] if k not in {"step", "loss"} and "." not in k][:5]:
             ax.plot([e["step"] for e in evals], [e.get(key) for e in evals], "o-", label=key)
         ax.legend()
     ax.set(title="evaluation", xlabel="optimizer step")
