@@ -151,6 +151,27 @@ def predict(
     typer.echo(f"wrote {len(results)} predictions to {path}")
 
 
+@app.command()
+@friendly
+def export(
+    run: Annotated[Path, typer.Argument(help="Run directory.")],
+    merge: Annotated[Path, typer.Option(help="Write base + LoRA merged into this new dir.")],
+    push_to_hub: Annotated[
+        str | None, typer.Option(help="Then upload it to this Hub repo (user/name).")
+    ] = None,
+    public: Annotated[bool, typer.Option(help="Create the Hub repo public.")] = False,
+    checkpoint: Annotated[Path | None, typer.Option(help="A checkpoint instead of best/.")] = None,
+) -> None:
+    """Merge the LoRA weights into a full model that plain transformers loads; optionally push."""
+    from visiontune.export import export_merged
+    from visiontune.export import push_to_hub as upload
+
+    out = export_merged(run, merge, checkpoint=checkpoint)
+    typer.echo(f"merged model written to {out}")
+    if push_to_hub:
+        typer.echo(f"uploaded: {upload(out, push_to_hub, private=not public)}")
+
+
 def expand_images(paths: list[Path]) -> list[Path]:
     from visiontune.errors import VisiontuneError
 
