@@ -358,8 +358,9 @@ class GroundTask:
             point = self.codec.decode(parsed, image.size) if parsed is not None else None
             picture = out_dir / f"{path.stem}_click.png"
             draw_click(image, point).save(picture)
+            x, y = (round(point[0], 1), round(point[1], 1)) if point else (None, None)
             record = {"image": str(path), "text": instruction, "answer": text}
-            record["point"] = [round(point[0], 1), round(point[1], 1)] if point else None
+            record.update({"point": [x, y] if point else None, "x": x, "y": y})
             record["picture"] = str(picture)
             log.info("%s: %r -> %s", path, instruction, record["point"] or f"unparseable {text!r}")
             records.append(record)
@@ -393,16 +394,21 @@ class GroundTask:
 
 
 def draw_click(image: Image.Image, point: tuple[float, float] | None) -> Image.Image:
-    """A copy of the image with a red ring and cross at the click (unchanged when None)."""
+    """A copy of the image with a ring and cross at the click (unchanged when None).
+
+    Magenta inside a white halo stays visible on the red, blue and grey of most interfaces.
+    """
     picture = image.copy()
     if point is None:
         return picture
     draw = ImageDraw.Draw(picture)
     radius = max(4, round(min(picture.size) * 0.02))
     x, y = point
-    draw.ellipse((x - radius, y - radius, x + radius, y + radius), outline="red", width=2)
-    draw.line((x - 2 * radius, y, x + 2 * radius, y), fill="red", width=1)
-    draw.line((x, y - 2 * radius, x, y + 2 * radius), fill="red", width=1)
+    for colour, width, pad in (("white", 4, 1), ("magenta", 2, 0)):
+        r = radius + pad
+        draw.ellipse((x - r, y - r, x + r, y + r), outline=colour, width=width)
+        draw.line((x - 2 * r, y, x + 2 * r, y), fill=colour, width=width // 2)
+        draw.line((x, y - 2 * r, x, y + 2 * r), fill=colour, width=width // 2)
     return picture
 
 
