@@ -264,3 +264,47 @@ def test_qwen25_vl_answers_in_resized_pixels_and_trains(
     out.loss_sum.backward()
     assert torch.isfinite(out.loss_sum) and out.count == int((labels != -100).sum())
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(
+    ground_config: Callable[..., Config], tmp_path: Path
+) -> None:
+    grads = []
+    for checkpointing in ("false", "true"):
+        torch.manual_seed(0)
+        task = _task(ground_config, tmp_path, f"model.gradient_checkpointing={checkpointing}")
+        train = task.datasets().train
+        model = task.build_model()
+        model.train()
+        out = task.loss(model, task.collate([train[0], train[1]]))
+        out.loss_sum.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert unwrap(model).is_gradient_checkpointing
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-4, atol=1e-6)
+
+
+def test_examples_validate(tiny_data: Path) -> None:
+    from visiontune.config.load import load_config
+
+    examples = Path(__file__).parents[2] / "examples" / "gui_click"
+    data = [f"data.train={tiny_data / 'train.jsonl'}", f"data.val={tiny_data / 'val.jsonl'}"]
+    big = load_config(examples / "gui_click_qwen25vl_3b.yaml", data)
+    assert big.task.type == "ground" and big.lora.rank == 16 and big.lora.targets == "all-linear"
+    assert big.model.gradient_checkpointing and big.model.dtype == "bf16"
+    assert big.precision == "auto" and big.eval.metric == "click_accuracy"
+    assert big.task.max_pixels == 1280 * 28 * 28
+    tiny = load_config(examples / "gui_click_tiny.yaml", data)
+    assert tiny.model.config is not None and tiny.model.config["model_type"] == "qwen2_vl"
+
+
+def test_predict_refuses_an_empty_instruction(
+    ground_config: Callable[..., Config], tiny_data: Path, tmp_path: Path
+) -> None:
+    task = _task(ground_config, tmp_path)
+    model = task.build_model()
+    image = str(tiny_data / "screens" / "screen_0.png")
+    with pytest.raises(DataError, match="empty instruction"):
+        task.predict(model, [{"image": image, "text": "  "}], tmp_path)
+    with pytest.raises(DataError, match="image file not found"):
+        task.predict(model, [{"image": str(tmp_path / "gone.png"), "text": "ok"}], tmp_path)
