@@ -4,7 +4,8 @@ Two on-disk formats, JSON (a list of records) or JSONL (one record per line):
 
 - `conversations`: LLaMA-Factory's multimodal format. `messages` is a list of
   `{"role": "system"|"user"|"assistant", "content": "..."}` (ShareGPT's `conversations` with
-  `from`/`value` is accepted too) with one `<image>` placeholder per entry of `images`.
+  `from`/`value` is accepted too) with one `<image>` placeholder per entry of `images`. A
+  record may add a `bbox` or `point` (and `type`) on its first image for evaluation to score.
 - `grounding`: one click per record: `image`, `instruction`, a target `bbox` (pixels,
   `[x1, y1, x2, y2]`, or `[x, y, w, h]` with `task.box_format: xywh` as ScreenSpot writes it)
   or `point` (`[x, y]`), and an optional `type` (text, icon) for a per-type breakdown.
