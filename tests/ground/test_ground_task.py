@@ -308,3 +308,10 @@ def test_predict_refuses_an_empty_instruction(
         task.predict(model, [{"image": image, "text": "  "}], tmp_path)
     with pytest.raises(DataError, match="image file not found"):
         task.predict(model, [{"image": str(tmp_path / "gone.png"), "text": "ok"}], tmp_path)
+
+
+def test_a_template_without_chatml_markers_is_refused(processor: VisionChatProcessor) -> None:
+    plain = "{% for m in messages %}{{ m['role'] }}: {{ m['content'][0]['text'] }}\n{% endfor %}"
+    other = VisionChatProcessor(processor.tokenizer, processor.image_processor, plain, "X")
+    with pytest.raises(ConfigError, match="does not use ChatML markers"):
+        other.check_chatml()

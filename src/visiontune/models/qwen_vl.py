@@ -96,15 +96,25 @@ class VisionChatProcessor:
         return int(self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
 
     def check_chatml(self) -> None:
-        """Assistant labels are found by ChatML markers; refuse a template without them."""
+        """Assistant labels are found by ChatML markers: refuse a template or tokenizer with
+        which they would not select exactly the answer (labels would silently be wrong)."""
+        answer = "(12,34)"
         text = self.render(
-            [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+            [{"role": "user", "content": "q"}, {"role": "assistant", "content": answer}]
         )
+        problem = None
         if ANSWER_HEADER not in text or ANSWER_END not in text:
+            problem = "the chat template does not use ChatML markers"
+        else:
+            ids = self.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+            labelled = self.tokenizer.decode(ids[0][self.answer_mask(ids)[0]])
+            if labelled != answer + ANSWER_END:
+                problem = f"the assistant header tokenises differently in context ({labelled!r})"
+        if problem:
             raise ConfigError(
                 [
-                    "task.processor: the chat template does not use ChatML markers "
-                    f"({ANSWER_HEADER!r} ... {ANSWER_END!r}) as Qwen2-VL and Qwen2.5-VL do"
+                    f"task.processor: {problem}; the ground task expects ChatML "
+                    f"({ANSWER_HEADER!r} ... {ANSWER_END!r}) as Qwen2-VL and Qwen2.5-VL use"
                 ]
             )
 

@@ -39,7 +39,7 @@ from visiontune.models.coords import (
     write_answer,
 )
 from visiontune.models.load import build_config, load_model
-from visiontune.models.lora import apply_lora, resolve_targets, unwrap
+from visiontune.models.lora import apply_lora, resolve_targets
 from visiontune.models.qwen_vl import (
     ANSWER_END,
     IGNORE_INDEX,
@@ -264,23 +264,26 @@ class GroundTask:
     def loss(self, model: nn.Module, batch: Batch) -> LossOut:
         """Sum of token losses over answer tokens, and how many there are.
 
-        Logits are computed only where a label exists: a full-vocabulary logit tensor for a
-        1,500-token screenshot conversation would cost more memory than the LoRA itself.
+        Logits are computed only at positions that predict a label (`logits_to_keep` with a
+        boolean mask): a full-vocabulary logit tensor for a 1,500-token screenshot
+        conversation would cost more memory than the LoRA itself. The call goes through the
+        model's own forward, so PEFT and any distributed wrapper see it.
         """
         t = batch.tensors
-        base = unwrap(model)
-        hidden = base.model(
+        targets = t["labels"][:, 1:]
+        keep = targets != IGNORE_INDEX
+        predicts = torch.zeros_like(t["labels"], dtype=torch.bool)
+        predicts[:, :-1] = keep
+        logits = model(
             input_ids=t["input_ids"],
             attention_mask=t["attention_mask"],
             pixel_values=t.get("pixel_values"),
             image_grid_thw=t.get("image_grid_thw"),
             mm_token_type_ids=t["mm_token_type_ids"],
             use_cache=False,
-        ).last_hidden_state
-        targets = t["labels"][:, 1:]
-        keep = targets != IGNORE_INDEX
-        logits = base.lm_head(hidden[:, :-1][keep]).float()
-        loss_sum = F.cross_entropy(logits, targets[keep], reduction="sum")
+            logits_to_keep=predicts,
+        ).logits
+        loss_sum = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
         return LossOut(loss_sum, int(keep.sum()))
 
     # --- evaluation and prediction ----------------------------------------------------------
