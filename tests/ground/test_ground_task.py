@@ -17,6 +17,7 @@ from visiontune.errors import ConfigError, DataError
 from visiontune.models.coords import ResizedPixelCodec
 from visiontune.models.lora import unwrap
 from visiontune.models.qwen_vl import VisionChatProcessor
+from visiontune.task import Skipped
 from visiontune.tasks.ground import GroundTask
 
 TINY_QWEN25_VL = {
@@ -315,3 +316,20 @@ def test_a_template_without_chatml_markers_is_refused(processor: VisionChatProce
     other = VisionChatProcessor(processor.tokenizer, processor.image_processor, plain, "X")
     with pytest.raises(ConfigError, match="does not use ChatML markers"):
         other.check_chatml()
+
+
+def test_an_image_broken_after_the_check_is_a_counted_skip(
+    ground_config: Callable[..., Config], tiny_data: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    copy = tmp_path / "data"
+    shutil.copytree(tiny_data, copy, ignore=shutil.ignore_patterns("processor"))
+    task = _task(ground_config, tmp_path, f"data.train={copy / 'train.jsonl'}", "data.val=null")
+    train = task.datasets().train
+    (copy / "screens" / "screen_1.png").write_bytes(b"truncated")
+    skipped = train[1]
+    assert isinstance(skipped, Skipped) and "screen_1.png" in skipped.reason
+    batch = task.collate([train[0], skipped, train[2]])
+    assert len(batch) == 2 and batch.skipped == [skipped]
+    assert batch.tensors["input_ids"].shape[0] == 2
