@@ -66,7 +66,6 @@ class GroundTask:
             raise ConfigError([f"data.format: the ground task reads {FORMATS}"])
         self.cfg = cfg
         self.options: GroundTaskConfig = cfg.task
-        self._processor: VisionChatProcessor | None = None
         self.too_long_skipped: dict[str, list[str]] = {}
 
     # --- model family -----------------------------------------------------------------------
@@ -91,24 +90,22 @@ class GroundTask:
     def model_type(self) -> str:
         return str(self.model_config.model_type)
 
-    @property
+    @cached_property
     def processor(self) -> VisionChatProcessor:
         """Loaded once with the config's min/max pixels, shared by train, eval and predict."""
-        if self._processor is None:
-            source = self.options.processor or self.cfg.model.name_or_path
-            if source is None:
-                raise ConfigError(
-                    ["task.processor: required with model.config (no checkpoint to read it from)"]
-                )
-            self._processor = VisionChatProcessor.load(
-                source,
-                self.options.min_pixels,
-                self.options.max_pixels,
-                revision=None if self.options.processor else self.cfg.model.revision,
-                trust_remote_code=self.cfg.model.trust_remote_code,
-                model_type=self.model_type,
+        source = self.options.processor or self.cfg.model.name_or_path
+        if source is None:
+            raise ConfigError(
+                ["task.processor: required with model.config (no checkpoint to read it from)"]
             )
-        return self._processor
+        return VisionChatProcessor.load(
+            source,
+            self.options.min_pixels,
+            self.options.max_pixels,
+            revision=None if self.options.processor else self.cfg.model.revision,
+            trust_remote_code=self.cfg.model.trust_remote_code,
+            model_type=self.model_type,
+        )
 
     @property
     def codec(self) -> CoordCodec:
