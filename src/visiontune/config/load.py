@@ -14,7 +14,6 @@ from pydantic import BaseModel, ValidationError
 from visiontune.config.schema import Config
 from visiontune.errors import ConfigError
 
-
 ALIASES = {
     "learning_rate": "lr",
     "batch_size": "micro_batch_size",

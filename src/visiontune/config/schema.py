@@ -354,6 +354,11 @@ class TrainConfig(Section):
     time_limit: str | None = Field(default=None, description="Wall clock, e.g. 7h50m.")
     log_every: int = Field(default=10, ge=1, description="Optimizer steps between log lines.")
     overfit_batches: int = Field(default=0, ge=0, description="Debug: train on N batches only.")
+    group_by_length: bool = Field(
+        default=False,
+        description="Batch samples of similar length (tasks whose data has lengths, e.g. "
+        "ground) to cut padding; the order stays a function of seed and epoch.",
+    )
     detect_anomaly: bool = False
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
 

@@ -73,6 +73,7 @@ class Loop:
             cfg.train.micro_batch_size,
             cfg.train.seed,
             cfg.train.overfit_batches,
+            lengths=sample_lengths(splits.train) if cfg.train.group_by_length else None,
         )
         self.updates_per_epoch = math.ceil(
             self.order.batches_per_epoch / cfg.train.grad_accum_steps
@@ -373,6 +374,15 @@ def train_indices(num_samples: int, max_samples: int | None, seed: int) -> list[
         return list(range(num_samples))
     generator = torch.Generator().manual_seed(seed)
     return sorted(torch.randperm(num_samples, generator=generator)[:max_samples].tolist())
+
+
+def sample_lengths(dataset: Dataset) -> list[int]:
+    lengths = getattr(dataset, "lengths", None)
+    if lengths is None:
+        raise TrainingError(
+            "train.group_by_length: this task's training data has no sample lengths"
+        )
+    return list(lengths)
 
 
 def peak_memory_mb(device: torch.device) -> float:

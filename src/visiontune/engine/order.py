@@ -39,5 +39,24 @@ class DataOrder:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + order_epoch)
         perm = [self.indices[i] for i in torch.randperm(self.num_samples, generator=generator)]
         size = self.micro_batch_size
+        if self.lengths is not None:
+            perm = group_by_length(perm, self.lengths, size)
         for b in range(start, self.batches_per_epoch):
             yield perm[b * size : (b + 1) * size]
+
+
+def group_by_length(
+    perm: list[int], lengths: list[int], micro_batch_size: int, window: int = 50
+) -> list[int]:
+    """Sort longest-first inside spans of `window` micro-batches.
+
+    Micro-batches then hold similar lengths (less padding), the spans keep the shuffle's
+    randomness, and the first micro-batch of a span is its longest, so an out-of-memory
+    error shows up early instead of hours in.
+    """
+    span = micro_batch_size * window
+    return [
+        i
+        for start in range(0, len(perm), span)
+        for i in sorted(perm[start : start + span], key=lambda i: -lengths[i])
+    ]
