@@ -16,9 +16,15 @@ class DataOrder:
     """Micro-batches of sample indices for each epoch."""
 
     def __init__(
-        self, indices: list[int], micro_batch_size: int, seed: int, limit_batches: int = 0
-    ):
+        self,
+        indices: list[int],
+        micro_batch_size: int,
+        seed: int,
+        limit_batches: int = 0,
+        lengths: list[int] | None = None,
+    ) -> None:
         self.indices = indices
+        self.lengths = lengths
         self.num_samples = len(indices)
         self.micro_batch_size = micro_batch_size
         self.seed = seed
