@@ -22,13 +22,20 @@ import torch.nn.functional as F
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+)
 from transformers.models.auto.modeling_auto import (
     MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
     MODEL_FOR_MASKED_LM_MAPPING_NAMES,
 )
 
 from visiontune.config.schema import LoraConfig, ModelConfig, TextModelConfig, VisionTowerConfig
+from visiontune.data.images import ImageSpec
 from visiontune.errors import ConfigError
 from visiontune.models import sam as sam_parts
 from visiontune.models.load import DTYPES, build_config, load_model
@@ -369,3 +376,27 @@ class QueryEncoder:
         if self.causal:
             out["labels"] = label_ids
         return out
+
+
+def vision_image_spec(vcfg: VisionTowerConfig) -> ImageSpec:
+    """The vision tower's preprocessing: its processor's statistics, else CLIP's."""
+    config = component_config(vcfg, "task.vision_tower")
+    vision = getattr(config, "vision_config", None) or config
+    mean, std = CLIP_MEAN, CLIP_STD
+    if vcfg.name_or_path is not None:
+        try:
+            processor = AutoImageProcessor.from_pretrained(vcfg.name_or_path)
+            mean, std = tuple(processor.image_mean), tuple(processor.image_std)
+        except (OSError, ValueError):
+            log.warning("no image processor for %s: CLIP statistics used", vcfg.name_or_path)
+    return ImageSpec(int(vision.image_size), mean, std, pad_to_square=True)  # type: ignore[arg-type]
+
+
+def expected_visual_tokens(vcfg: VisionTowerConfig | None) -> int:
+    """Visual tokens the tower will add, for the query length budget only: the model's [SEG]
+    offset uses the count the tower actually produces."""
+    if vcfg is None:
+        return 0
+    config = component_config(vcfg, "task.vision_tower")
+    vision = getattr(config, "vision_config", None) or config
+    return (vision.image_size // vision.patch_size) ** 2
