@@ -85,6 +85,10 @@ class Task(Protocol):
 
     A task is constructed with the resolved Config (`TaskClass(cfg)`) and reads its own
     sections from it; it never sees an optimizer, a scaler or a checkpoint.
+
+    Optional hooks, looked up by name: `resolved_config() -> Config` (the config to store
+    with the run, with what the data revealed pinned) and `export_files(out_dir)` (processor
+    files a merged export needs to stand on its own).
     """
 
     name: str

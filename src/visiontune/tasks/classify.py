@@ -173,6 +173,18 @@ class ClassifyTask:
         save_confusion_matrix(metrics.tables["confusion_matrix"], metrics.tables["classes"], path)
         return [path]
 
+    def export_files(self, out_dir: Path) -> None:
+        """An image processor with the preprocessing this run trained with (pad-to-square is
+        ours, so it is noted in the model card rather than the processor)."""
+        from transformers import ViTImageProcessor
+
+        spec = self.spec
+        ViTImageProcessor(
+            size={"height": spec.size, "width": spec.size},
+            image_mean=list(spec.mean),
+            image_std=list(spec.std),
+        ).save_pretrained(out_dir)
+
     # --- prediction -------------------------------------------------------------------------
 
     def predict(
