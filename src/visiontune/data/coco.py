@@ -4,7 +4,7 @@ RLE is decoded here rather than through pycocotools (a compiled dependency that 
 build): counts alternate background/foreground runs over the mask in column-major order,
 either as a list of ints ("uncompressed", used for crowds) or as pycocotools' compact string,
 where each count is written in 5-bit groups offset by 48, with the sign in bit 0x10 of the
-last group and counts from the third on stored as differences to the count two before.
+last group and counts from the fourth on stored as differences to the count two before.
 """
 
 from __future__ import annotations

@@ -1,0 +1,39 @@
+"""Builders shared by the segmentation tests: the tiny in-process SAM and configs around it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from visiontune.config.schema import Config
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY_YAML = ROOT / "examples" / "tiny" / "reasonseg_tiny.yaml"
+
+
+def tiny_sam() -> dict[str, Any]:
+    """The inline SAM of the tiny example (64 px frame, 8x8 embeddings)."""
+    return yaml.safe_load(TINY_YAML.read_text())["model"]["config"]
+
+
+def segment_config(data: dict[str, Any], task: dict[str, Any], **sections: Any) -> Config:
+    """A Config with the tiny SAM, the given data/task sections and short training."""
+    raw: dict[str, Any] = {
+        "model": {"config": tiny_sam()},
+        "data": data,
+        "task": {"type": "segment", **task},
+        "train": {"max_steps": 2, "micro_batch_size": 4},
+    }
+    raw.update(sections)
+    return Config.model_validate(raw)
+
+
+def tiny_text_model() -> dict[str, Any]:
+    """A 1-layer BERT built in-process with the tiny example's word-level tokenizer."""
+    return {
+        "config": {"model_type": "bert", "hidden_size": 16, "num_hidden_layers": 1,
+                   "num_attention_heads": 2, "intermediate_size": 32, "vocab_size": 64},
+        "tokenizer": str(ROOT / "examples" / "tiny" / "tokenizer"),
+    }  # fmt: skip
