@@ -356,10 +356,17 @@ class GroundTask:
             text = self.generate(model, [self.processor.render(messages, True)], [[image]])[0]
             parsed = parse_answer(text)
             point = self.codec.decode(parsed, image.size) if parsed is not None else None
+            width, height = image.size
+            outside = point is not None and not (0 <= point[0] <= width and 0 <= point[1] <= height)
+            if outside:
+                log.warning(
+                    "%s: the answer %r lies outside the %dx%d image", path, text, width, height
+                )
+                point = None
             picture = out_dir / f"{path.stem}_click.png"
             draw_click(image, point).save(picture)
             x, y = (round(point[0], 1), round(point[1], 1)) if point else (None, None)
-            record = {"image": str(path), "text": instruction, "answer": text}
+            record = {"image": str(path), "text": instruction, "answer": text, "outside": outside}
             record.update({"point": [x, y] if point else None, "x": x, "y": y})
             record["picture"] = str(picture)
             log.info("%s: %r -> %s", path, instruction, record["point"] or f"unparseable {text!r}")
