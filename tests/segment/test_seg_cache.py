@@ -1,0 +1,99 @@
+"""Frozen-trunk cache: SAM image embeddings computed once, reused, keyed by weights too."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from tests.segment.builders import segment_config
+from visiontune.models import sam as sam_parts
+from visiontune.task import Batch
+from visiontune.tasks.segment import SegmentTask
+
+
+def crack_data(root: Path, count: int = 4) -> Path:
+    """Images with a diagonal dark line and its mask: a thin-structure (crack) layout."""
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for i in range(count):
+        img = Image.new("RGB", (40, 32), (180, 180, 170))
+        mask = Image.new("L", (40, 32), 0)
+        for x in range(4 + i, 36):
+            y = (x * (i + 1)) % 30
+            img.putpixel((x, y), (20, 20, 20))
+            mask.putpixel((x, y), 255)
+        img.save(root / "images" / f"c{i}.png")
+        mask.save(root / "masks" / f"c{i}.png")
+    return root
+
+
+def task_and_batch(root: Path, **task: Any) -> tuple[SegmentTask, torch.nn.Module, Batch]:
+    cfg = segment_config({"format": "mask_folder", "train": str(root)}, {"prompt": "box", **task})
+    seg = SegmentTask(cfg)
+    dataset = seg.datasets().train
+    model = seg.build_model()
+    return seg, model, seg.collate([dataset[i] for i in range(len(dataset))])
+
+
+def count_encoder_calls(model: torch.nn.Module) -> list[int]:
+    calls: list[int] = []
+    encoder = sam_parts.core(model).vision_encoder
+    encoder.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    return calls
+
+
+def test_memory_cache_computes_each_image_once_and_changes_nothing(tmp_path: Path) -> None:
+    root = crack_data(tmp_path / "cracks")
+    cached, model, batch = task_and_batch(root)
+    calls = count_encoder_calls(model)
+    first = cached.loss(model, batch).loss_sum
+    second = cached.loss(model, batch).loss_sum
+    assert calls == [4]  # the second epoch's batch never reaches the encoder
+    assert cached.cache is not None and (cached.cache.hits, cached.cache.misses) == (4, 4)
+    plain, plain_model, plain_batch = task_and_batch(root, cache="off")
+    plain_model.load_state_dict(model.state_dict())
+    reference = plain.loss(plain_model, plain_batch).loss_sum
+    assert torch.allclose(first, reference) and torch.allclose(second, reference)
+
+
+def test_disk_cache_is_reused_across_runs_and_keyed_by_weights(tmp_path: Path) -> None:
+    root = crack_data(tmp_path / "cracks")
+    disk = {"cache": "disk", "cache_dir": str(tmp_path / "cache")}
+    first, model, batch = task_and_batch(root, **disk)
+    first.loss(model, batch)
+    again, model2, batch2 = task_and_batch(root, **disk)
+    calls = count_encoder_calls(model2)
+    again.loss(model2, batch2)
+    assert calls == [] and again.cache is not None and again.cache.hits == 4
+    other_seed = segment_config(
+        {"format": "mask_folder", "train": str(root)},
+        {"prompt": "box", **disk},
+        train={"max_steps": 1, "seed": 1},
+    )
+    other = SegmentTask(other_seed)
+    other_model = other.build_model()
+    calls = count_encoder_calls(other_model)
+    dataset = other.datasets().train
+    other.loss(other_model, other.collate([dataset[i] for i in range(len(dataset))]))
+    assert calls == [4]  # different frozen weights: a different cache folder
+    assert len(list((tmp_path / "cache").iterdir())) == 2
+
+
+def test_augmented_batches_bypass_the_cache(tmp_path: Path) -> None:
+    root = crack_data(tmp_path / "cracks")
+    cfg = segment_config(
+        {"format": "mask_folder", "train": str(root), "augment": {"train": {"hflip": 0.5}}},
+        {"prompt": "box"},
+    )
+    seg = SegmentTask(cfg)
+    dataset = seg.datasets().train
+    model = seg.build_model()
+    calls = count_encoder_calls(model)
+    batch = seg.collate([dataset[i] for i in range(len(dataset))])
+    seg.loss(model, batch)
+    seg.loss(model, batch)
+    assert calls == [4, 4]
+    assert seg.cache is not None and seg.cache.hits == 0
