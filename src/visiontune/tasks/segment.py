@@ -356,7 +356,10 @@ class SegmentTask:
         if prompt in ("box", "points"):
             key = "box" if prompt == "box" else "points"
             if item.get(key) is None:
-                raise VisiontuneError(f"{path}: task.prompt is {prompt}; give --{key} for it")
+                raise VisiontuneError(
+                    f"{path}: task.prompt is {prompt}: each input needs `{key}` in image pixels "
+                    "([x1, y1, x2, y2] for a box, [[x, y], ...] for points)"
+                )
             value = torch.tensor(item[key], dtype=torch.float32) * scale
             if prompt == "box" and value.numel() != 4:
                 raise VisiontuneError(f"{path}: a box is [x1, y1, x2, y2], got {item[key]}")
