@@ -40,10 +40,11 @@ from visiontune.errors import ConfigError
 from visiontune.models import sam as sam_parts
 from visiontune.models.load import DTYPES, build_config, load_model
 from visiontune.models.lora import keep_trainable_fp32, resolve_targets, unwrap
+from visiontune.models.queries import SEG_TOKEN
 
 log = logging.getLogger(__name__)
 
-SEG_TOKEN = "[SEG]"
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -317,65 +318,6 @@ def component_rows(model: TextPromptedSegmenter) -> list[tuple[str, int, int]]:
             trainable = sum(p.numel() for p in params if p.requires_grad)
             rows.append((name, trainable, sum(p.numel() for p in params)))
     return rows
-
-
-class QueryEncoder:
-    """Queries -> input ids `prefix + query + answer (+ suffix)`, `[SEG]` index, answer labels.
-
-    A query longer than the budget is cut (never the answer, which holds `[SEG]`) and named in
-    a warning once per sample, so a too-long prompt is visible rather than silently clipped.
-    """
-
-    def __init__(self, tokenizer: Any, kind: str, answer: str, max_length: int) -> None:
-        self.tokenizer = tokenizer
-        self.causal = kind == "causal_lm"
-        self.seg_id = tokenizer.convert_tokens_to_ids(SEG_TOKEN)
-        bare = tokenizer("a", add_special_tokens=False).input_ids
-        full = tokenizer("a").input_ids
-        start = next(i for i in range(len(full)) if full[i : i + len(bare)] == bare)
-        self.prefix = full[:start]
-        self.suffix = [] if self.causal else full[start + len(bare) :]
-        self.answer = tokenizer(" " + answer, add_special_tokens=False).input_ids
-        if self.causal and tokenizer.eos_token_id is not None:
-            self.answer.append(tokenizer.eos_token_id)
-        self.budget = max_length - len(self.prefix) - len(self.answer) - len(self.suffix)
-        if self.budget < 1:
-            raise ConfigError(
-                [f"task.text_model.max_length: {max_length} tokens leave no room for a query"]
-            )
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.warned: set[str] = set()
-
-    def encode(self, texts: list[str], sample_ids: list[str]) -> dict[str, torch.Tensor]:
-        rows, labels, seg_index = [], [], []
-        for text, sample_id in zip(texts, sample_ids, strict=True):
-            query = self.tokenizer(text, add_special_tokens=False).input_ids
-            if len(query) > self.budget:
-                if sample_id not in self.warned:
-                    self.warned.add(sample_id)
-                    log.warning(
-                        "%s: query of %d tokens truncated to %d (task.text_model.max_length)",
-                        sample_id,
-                        len(query),
-                        self.budget,
-                    )
-                query = query[: self.budget]
-            head = len(self.prefix) + len(query)
-            rows.append(self.prefix + query + self.answer + self.suffix)
-            labels.append([-100] * head + self.answer + [-100] * len(self.suffix))
-            seg_index.append(head + self.answer.index(self.seg_id))
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        label_ids = torch.full((len(rows), width), -100, dtype=torch.long)
-        for i, (row, label) in enumerate(zip(rows, labels, strict=True)):
-            ids[i, : len(row)] = torch.tensor(row)
-            mask[i, : len(row)] = 1
-            label_ids[i, : len(label)] = torch.tensor(label)
-        out = {"input_ids": ids, "attention_mask": mask, "seg_index": torch.tensor(seg_index)}
-        if self.causal:
-            out["labels"] = label_ids
-        return out
 
 
 def vision_image_spec(vcfg: VisionTowerConfig) -> ImageSpec:

@@ -30,6 +30,7 @@ from visiontune.losses import mask_bce, mask_dice, mask_focal
 from visiontune.metrics.segmentation import SegmentationMeter
 from visiontune.models import sam as sam_parts
 from visiontune.models import text_seg
+from visiontune.models.queries import QueryEncoder
 from visiontune.task import Batch, LossOut, Metrics, Skipped, Splits
 from visiontune.tasks.segment_pictures import Example, examples_figure, overlay, save_mask
 
@@ -56,7 +57,7 @@ class SegmentTask:
         self.signature = f"{self.frame.size}|{self.frame.mean}|{self.frame.std}|bilinear"
         self.cache: FrozenFeatureCache | None = None
         self._splits: Splits | None = None
-        self._queries: text_seg.QueryEncoder | None = None
+        self._queries: QueryEncoder | None = None
         self._examples: list[Example] = []
         self._clip: ImageSpec | None = None
 
@@ -86,7 +87,7 @@ class SegmentTask:
         return self._clip
 
     @property
-    def queries(self) -> text_seg.QueryEncoder:
+    def queries(self) -> QueryEncoder:
         """Tokenizer with [SEG] plus the query layout, shared by collate and the model."""
         if self._queries is None:
             tcfg = self.opts.text_model
@@ -100,7 +101,7 @@ class SegmentTask:
                 )
             tokenizer = text_seg.load_tokenizer(tcfg)
             kind = text_seg.text_kind(tcfg, config)
-            self._queries = text_seg.QueryEncoder(tokenizer, kind, tcfg.answer, limit)
+            self._queries = QueryEncoder(tokenizer, kind, tcfg.answer, limit)
         return self._queries
 
     def collate(self, samples: list[dict[str, Any] | Skipped]) -> Batch:
