@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from PIL import Image
 
 from visiontune.config.schema import Config
 
@@ -37,3 +38,19 @@ def tiny_text_model() -> dict[str, Any]:
                    "num_attention_heads": 2, "intermediate_size": 32, "vocab_size": 64},
         "tokenizer": str(ROOT / "examples" / "tiny" / "tokenizer"),
     }  # fmt: skip
+
+
+def crack_data(root: Path, count: int = 4) -> Path:
+    """Images with a diagonal dark line and its mask: a thin-structure (crack) layout."""
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for i in range(count):
+        img = Image.new("RGB", (40, 32), (180, 180, 170))
+        mask = Image.new("L", (40, 32), 0)
+        for x in range(4 + i, 36):
+            y = (x * (i + 1)) % 30
+            img.putpixel((x, y), (20, 20, 20))
+            mask.putpixel((x, y), 255)
+        img.save(root / "images" / f"c{i}.png")
+        mask.save(root / "masks" / f"c{i}.png")
+    return root

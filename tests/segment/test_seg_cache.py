@@ -6,28 +6,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 
-from tests.segment.builders import segment_config
+from tests.segment.builders import crack_data, segment_config
 from visiontune.models import sam as sam_parts
 from visiontune.task import Batch
 from visiontune.tasks.segment import SegmentTask
-
-
-def crack_data(root: Path, count: int = 4) -> Path:
-    """Images with a diagonal dark line and its mask: a thin-structure (crack) layout."""
-    (root / "images").mkdir(parents=True)
-    (root / "masks").mkdir()
-    for i in range(count):
-        img = Image.new("RGB", (40, 32), (180, 180, 170))
-        mask = Image.new("L", (40, 32), 0)
-        for x in range(4 + i, 36):
-            y = (x * (i + 1)) % 30
-            img.putpixel((x, y), (20, 20, 20))
-            mask.putpixel((x, y), 255)
-        img.save(root / "images" / f"c{i}.png")
-        mask.save(root / "masks" / f"c{i}.png")
-    return root
 
 
 def task_and_batch(root: Path, **task: Any) -> tuple[SegmentTask, torch.nn.Module, Batch]:
