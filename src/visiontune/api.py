@@ -70,7 +70,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> TrainRe
     splits = task.datasets()
     model = build_model(task, cfg, run)
     run.config.write_text(dump_yaml(resolved_config(task, cfg)))
-    loop = Loop(cfg, task, model, splits, run)
+    loop = Loop(cfg, task, model, splits, run, started=started)
     if resume:
         latest = ckpt.latest_complete(run.checkpoints)
         if latest is None:

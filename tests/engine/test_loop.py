@@ -126,3 +126,20 @@ def test_existing_run_dir_is_never_overwritten(image_data: Path, tmp_path: Path)
     assert len(aside) == 1 and (aside[0] / "summary.json").is_file()
     summary = json.loads((tmp_path / "tiny/summary.json").read_text())
     assert summary["status"] == "completed" and summary["steps"] == 2
+
+
+def test_resume_refuses_a_changed_data_order_and_warns_on_other_changes(
+    image_data: Path, tmp_path: Path
+) -> None:
+    cfg = tiny_config(image_data, tmp_path, train={"max_steps": 2})
+    api.train(cfg)
+    longer = cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_steps": 3})})
+    assert api.train(longer, resume=True).state.step == 3
+    assert "changed setting: train.max_steps (2 -> 3)" in (tmp_path / "tiny/train.log").read_text()
+    smaller = longer.model_copy(
+        update={"train": longer.train.model_copy(update={"micro_batch_size": 2, "max_steps": 5})}
+    )
+    with pytest.raises(
+        TrainingError, match=r"train.micro_batch_size \(4 -> 2\) changed.*init_from"
+    ):
+        api.train(smaller, resume=True)

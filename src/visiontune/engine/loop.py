@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from visiontune.config.load import config_hash, dump_yaml
+from visiontune.config.load import config_hash, dump_yaml, load_config
 from visiontune.config.schema import Config, parse_duration
 from visiontune.engine import checkpoint as ckpt
 from visiontune.engine.optim import build_optimizer, build_scheduler
@@ -60,7 +60,15 @@ class TrainState:
 
 
 class Loop:
-    def __init__(self, cfg: Config, task: Task, model: nn.Module, splits: Splits, run: RunDir):
+    def __init__(
+        self,
+        cfg: Config,
+        task: Task,
+        model: nn.Module,
+        splits: Splits,
+        run: RunDir,
+        started: float | None = None,
+    ) -> None:
         self.cfg, self.task, self.splits, self.rundir = cfg, task, splits, run
         self.device = resolve_device(cfg.train.device)
         self.model = model.to(self.device)
@@ -84,13 +92,15 @@ class Loop:
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule, self.total_steps)
         self.state = TrainState()
         limit = parse_duration(cfg.train.time_limit) if cfg.train.time_limit else None
-        self.stop = StopRequest(limit)
+        self.stop = StopRequest(limit, started)
         self.early = EarlyStopping(
             cfg.eval.mode, cfg.eval.patience, cfg.eval.min_delta, cfg.train.min_steps
         )
         self.tracker = TensorBoard(run.root / "tensorboard") if cfg.tracking.tensorboard else None
         self._batches: Iterator[Batch] | None = None
         self._step_seconds = 0.0
+        self._save_seconds = 0.0
+        self._saved_step: int | None = None
 
     # ---- the story -------------------------------------------------------------------------
 
@@ -124,7 +134,7 @@ class Loop:
                 self.state.stop_reason = "completed"
             if not self.state.stop_reason.startswith(("signal", "time_limit")):
                 self.finish()
-            elif self.latest_saved_step() != self.state.step:
+            elif self._saved_step != self.state.step:
                 self.save_checkpoint()
         finally:
             self.stop.uninstall()
@@ -199,7 +209,7 @@ class Loop:
         every_save = self.cfg.checkpoint.every_steps
         if every_save and step % every_save == 0:
             self.save_checkpoint()
-        reason = self.stop.reason(self._step_seconds)
+        reason = self.stop.reason(2 * self._step_seconds + self._save_seconds)
         if reason is None and self.early.should_stop(self.state.evals_without_improvement, step):
             reason = "early_stopped"
         if reason:
@@ -211,7 +221,7 @@ class Loop:
         """Final evaluation and checkpoint (unless this step already had them)."""
         if self.state.last_eval.get("step") != self.state.step:
             self.evaluate()
-        if self.latest_saved_step() != self.state.step:
+        if self._saved_step != self.state.step:
             self.save_checkpoint()
         if self.eval_dataset() is None:
             self.save_best()
@@ -313,6 +323,7 @@ class Loop:
             (directory / "train_state.json").write_text(json.dumps(asdict(self.state), indent=2))
             (directory / "config.yaml").write_text(dump_yaml(self.cfg))
 
+        started = time.monotonic()
         meta = {"step": self.state.step, "config_hash": config_hash(self.cfg)}
         path = self.rundir.checkpoints / f"{ckpt.STEP_PREFIX}{self.state.step:08d}"
         ckpt.write_atomically(path, fill, meta)
@@ -322,18 +333,23 @@ class Loop:
             else set()
         )
         ckpt.prune(self.rundir.checkpoints, self.cfg.checkpoint.keep_last, keep)
-        log.info("saved checkpoint %s", path)
+        self._saved_step = self.state.step
+        self._save_seconds = time.monotonic() - started
+        log.info("saved checkpoint %s (%.1fs)", path, self._save_seconds)
         return path
-
-    def latest_saved_step(self) -> int | None:
-        latest = ckpt.latest_complete(self.rundir.checkpoints)
-        return None if latest is None else int(latest.name.removeprefix(ckpt.STEP_PREFIX))
 
     def resume_from(self, directory: Path) -> None:
         """Restore weights, optimizer, scheduler, scaler, RNG and the train state."""
-        manifest = ckpt.read_manifest(directory)
-        if manifest.get("config_hash") != config_hash(self.cfg):
-            log.warning("the config differs from the one %s was saved with", directory)
+        changed = config_changes(load_config(directory / "config.yaml"), self.cfg)
+        breaking = sorted(set(changed) & DATA_ORDER_KEYS)
+        if breaking:
+            raise TrainingError(
+                f"cannot resume {directory} exactly: {', '.join(changed[k] for k in breaking)} "
+                "changed, and the data position depends on it; start a new run from these "
+                "weights with init_from instead"
+            )
+        for key in sorted(changed):
+            log.warning("resuming with a changed setting: %s", changed[key])
         ckpt.load_weights(self.model, directory)
         self.optimizer.load_state_dict(ckpt.load_torch(directory / "optimizer.pt"))
         self.scheduler.load_state_dict(ckpt.load_torch(directory / "scheduler.pt"))
@@ -343,10 +359,45 @@ class Loop:
         saved = TrainState(**json.loads((directory / "train_state.json").read_text()))
         saved.stop_reason = None
         self.state = saved
+        self._saved_step = saved.step
         log.info(
             "resumed from %s: step %d, epoch %d, micro-batch %d of the epoch",
             directory, saved.step, saved.epoch, saved.batch_in_epoch,
         )  # fmt: skip
+
+
+DATA_ORDER_KEYS = {
+    "train.micro_batch_size",
+    "train.grad_accum_steps",
+    "train.seed",
+    "train.max_samples",
+    "train.overfit_batches",
+    "train.group_by_length",
+    "data.train",
+    "data.format",
+    "data.val_fraction",
+}
+"""Settings whose change makes a saved data position meaningless."""
+
+
+def config_changes(before: Config, after: Config) -> dict[str, str]:
+    """Dotted key -> "key (old -> new)" for every leaf setting that differs."""
+    old, new = _flatten(before.model_dump(mode="json")), _flatten(after.model_dump(mode="json"))
+    return {
+        key: f"{key} ({old.get(key)!r} -> {new.get(key)!r})"
+        for key in old.keys() | new.keys()
+        if old.get(key) != new.get(key)
+    }
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def run_evaluation(

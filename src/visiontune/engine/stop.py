@@ -20,8 +20,8 @@ _SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 class StopRequest:
     """Collects reasons to stop at the next step boundary."""
 
-    def __init__(self, time_limit_s: float | None) -> None:
-        self.started = time.monotonic()
+    def __init__(self, time_limit_s: float | None, started: float | None = None) -> None:
+        self.started = time.monotonic() if started is None else started
         self.time_limit_s = time_limit_s
         self.signal_name: str | None = None
         self._previous: dict[int, object] = {}
@@ -38,14 +38,14 @@ class StopRequest:
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self.signal_name = signal.Signals(signum).name
 
-    def reason(self, seconds_per_step: float) -> str | None:
-        """`signal:SIGUSR1`, `time_limit`, or None; the time limit keeps one step of margin
-        so the checkpoint is written before the scheduler's kill, not after."""
+    def reason(self, margin_s: float) -> str | None:
+        """`signal:SIGUSR1`, `time_limit`, or None. The time limit keeps `margin_s` (about two
+        steps plus one checkpoint save) so the checkpoint is written before the kill."""
         if self.signal_name:
             return f"signal:{self.signal_name}"
         if self.time_limit_s is not None:
             elapsed = time.monotonic() - self.started
-            if elapsed + 2 * seconds_per_step >= self.time_limit_s:
+            if elapsed + margin_s >= self.time_limit_s:
                 return "time_limit"
         return None
 
