@@ -1,7 +1,7 @@
 """Pictures of masks: mask PNGs, overlays on the image, and a grid of evaluation examples.
 
 A number like gIoU 0.41 says little about *how* a model fails; a few overlays (prediction in
-red, ground truth outlined in green) show at a glance whether it misses thin parts, bleeds
+magenta, ground truth outlined in green) show at a glance whether it misses thin parts, bleeds
 into the background or picks the wrong object for the query.
 """
 
@@ -17,7 +17,7 @@ from PIL import Image
 from visiontune.data.images import decode_image
 from visiontune.metrics.segmentation import IGNORE, boundary
 
-PRED_RGB = np.array([255, 40, 40], dtype=np.float32)
+PRED_RGB = np.array([255, 0, 255], dtype=np.float32)
 TRUTH_RGB = np.array([40, 255, 40], dtype=np.uint8)
 
 
@@ -39,9 +39,9 @@ def save_mask(mask: np.ndarray, path: Path) -> Path:
 
 
 def overlay(
-    image: Image.Image, pred: np.ndarray, truth: np.ndarray | None = None, alpha: float = 0.45
+    image: Image.Image, pred: np.ndarray, truth: np.ndarray | None = None, alpha: float = 0.6
 ) -> Image.Image:
-    """The image with the prediction tinted red and the ground truth's outline in green."""
+    """The image with the prediction tinted magenta and the ground truth's outline in green."""
     rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
     tinted = np.where(pred[..., None], (1 - alpha) * rgb + alpha * PRED_RGB, rgb)
     out = tinted.clip(0, 255).astype(np.uint8)
@@ -67,7 +67,7 @@ def examples_figure(examples: list[Example], path: Path) -> Path:
         ax.imshow(overlay(decode_image(Path(example.image)), example.pred, example.truth))
         query = example.text if len(example.text) <= 60 else example.text[:57] + "..."
         ax.set_title(f"{query}\nIoU {example.iou:.2f}" if query else f"IoU {example.iou:.2f}")
-    fig.suptitle("prediction (red) vs ground-truth outline (green)")
+    fig.suptitle("prediction (magenta) vs ground-truth outline (green)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
