@@ -80,3 +80,12 @@ def test_augmented_batches_bypass_the_cache(tmp_path: Path) -> None:
     seg.loss(model, batch)
     assert calls == [4, 4]
     assert seg.cache is not None and seg.cache.hits == 0
+
+
+def test_no_prompt_and_point_prompts_give_one_mask_per_target(tmp_path: Path) -> None:
+    root = crack_data(tmp_path / "cracks")
+    for prompt in ("none", "points"):
+        seg, model, batch = task_and_batch(root, prompt=prompt, num_points=3)
+        out = seg.loss(model, batch)
+        assert out.count == 4 and torch.isfinite(out.loss_sum)
+        assert out.loss_sum.requires_grad

@@ -243,3 +243,15 @@ def test_mask_folder_size_mismatch_and_missing_mask(tmp_path: Path) -> None:
     assert read_mask_folder("data.train", tmp_path, "images", "masks", None, problems) == []
     assert "masks/a.png is 5x2 but image" in problems[0] and "is 4x2" in problems[0]
     assert "no mask" in problems[1] and "b.png" in problems[1]
+
+
+def test_labelme_instances_by_group_id_share_ignore_regions(tmp_path: Path) -> None:
+    first = {**shape("target", [[0, 0], [3, 0], [3, 3], [0, 3]]), "group_id": 1}
+    second = {**shape("target", [[10, 0], [13, 0], [13, 3], [10, 3]]), "group_id": 2}
+    part = {**shape("target", [[15, 5], [18, 5], [18, 8], [15, 8]]), "group_id": 2}
+    hole = shape("ignore", [[5, 5], [8, 5], [8, 8], [5, 8]])
+    write_pair(tmp_path, "g", {"text": ["t"], "shapes": [first, second, part, hole]})
+    records, _ = read(tmp_path)
+    one, two = records[0].masks.render(20, 10, merge=False)
+    assert one[1, 1] == 1 and one[1, 11] == 0 and one[6, 16] == 0 and one[6, 6] == IGNORE
+    assert two[1, 1] == 0 and two[1, 11] == 1 and two[6, 16] == 1 and two[6, 6] == IGNORE
