@@ -51,9 +51,6 @@ class FrozenFeatureCache:
         if self.directory is not None:
             self.directory.mkdir(parents=True, exist_ok=True)
 
-    def __contains__(self, key: str) -> bool:
-        return key in self.memory or (self.directory is not None and self._path(key).is_file())
-
     def get(self, key: str) -> torch.Tensor | None:
         if key in self.memory:
             return self.memory[key]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig as PeftLoraConfig
-from peft import PeftModel, get_peft_model
+from peft import get_peft_model
 from torch import nn
 from transformers import AutoModel, SamModel
 
@@ -94,11 +94,6 @@ def active_module(model: nn.Module, name: str) -> nn.Module:
 
 def encoder_trainable(model: nn.Module) -> bool:
     return any(p.requires_grad for p in core(model).vision_encoder.parameters())
-
-
-def frame_size(sam: SamModel) -> int:
-    """The square input side SAM was built for (its absolute position embedding fixes it)."""
-    return int(sam.config.vision_config.image_size)
 
 
 def image_embeddings(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -183,7 +178,3 @@ def component_rows(model: nn.Module, prefix: str = "sam") -> list[tuple[str, int
         trainable = sum(p.numel() for p in params if p.requires_grad)
         rows.append((f"{prefix}.{label}", trainable, sum(p.numel() for p in params)))
     return rows
-
-
-def is_peft(model: nn.Module) -> bool:
-    return isinstance(model, PeftModel)
