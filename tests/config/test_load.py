@@ -71,3 +71,14 @@ def test_durations_and_criteria() -> None:
     assert parse_criterion("< 1e-3") == ("<", 0.001)
     with pytest.raises(ValueError):
         parse_criterion("about 0.9")
+
+
+def test_suggestions_inside_task_union_and_dict_sections(tmp_path: Path) -> None:
+    segment = BASE + "task: {type: segment, promt: box}\n"
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, segment), ["data.augment.train.hflp=0.5"])
+    problems = info.value.problems
+    assert "task.promt: unknown key; did you mean `task.prompt`?" in problems
+    assert "data.augment.train.hflp: unknown key; did you mean `data.augment.train.hflip`?" in (
+        problems
+    )

@@ -87,10 +87,9 @@ def describe_errors(err: ValidationError) -> list[str]:
     """One line per pydantic error, with the dotted path and a did-you-mean for typos."""
     lines = []
     for e in err.errors():
-        loc = [str(p) for p in e["loc"] if not _is_union_tag(p)]
+        loc, known = _resolve([str(p) for p in e["loc"]])
         dotted = ".".join(loc) or "(top level)"
         if e["type"] == "extra_forbidden":
-            known = _known_keys(loc[:-1])
             alias = ALIASES.get(loc[-1])
             close = [alias] if alias in known else []
             close = close or difflib.get_close_matches(loc[-1], known, n=1, cutoff=0.5)
@@ -104,29 +103,37 @@ def describe_errors(err: ValidationError) -> list[str]:
     return lines
 
 
-def _is_union_tag(part: object) -> bool:
-    return isinstance(part, str) and part in {"classify", "segment", "ground"}
-
-
-def _known_keys(loc: list[str]) -> list[str]:
-    """Field names of the section at `loc`, walking the schema's nested models."""
+def _resolve(raw: list[str]) -> tuple[list[str], list[str]]:
+    """The user's dotted path (pydantic's union tags such as `segment` removed) and the
+    option names of the section that holds its last key, walking the schema alongside."""
     model: type[BaseModel] | None = Config
-    for part in loc:
-        if model is None or part not in model.model_fields:
-            return []
-        model = _submodel(model.model_fields[part].annotation)
-    return list(model.model_fields) if model else []
+    shown: list[str] = []
+    known: list[str] = []
+    i = 0
+    while i < len(raw):
+        part = raw[i]
+        shown.append(part)
+        known = list(model.model_fields) if model else []
+        field = model.model_fields.get(part) if model else None
+        members = _models_in(field.annotation) if field else []
+        i += 1
+        if field is not None and get_origin(field.annotation) is dict and i < len(raw):
+            shown.append(raw[i])  # a user-chosen key, e.g. data.augment.train
+            i += 1
+        by_tag = {m.model_fields["type"].default: m for m in members if "type" in m.model_fields}
+        if len(members) > 1 and i < len(raw) and raw[i] in by_tag:
+            model = by_tag[raw[i]]
+            i += 1
+        else:
+            model = members[0] if members else None
+    return shown, known
 
 
-def _submodel(annotation: Any) -> type[BaseModel] | None:
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The section classes an annotation can hold (through Optional, unions, dict values)."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    if get_origin(annotation) is not None:
-        for arg in get_args(annotation):
-            found = _submodel(arg)
-            if found is not None:
-                return found
-    return None
+        return [annotation]
+    return [m for arg in get_args(annotation) for m in _models_in(arg)]
 
 
 def config_hash(cfg: Config) -> str:

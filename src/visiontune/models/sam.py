@@ -19,7 +19,8 @@ from peft import get_peft_model
 from torch import nn
 from transformers import AutoModel, SamModel
 
-from visiontune.config.schema import Config, LoraConfig, SamOptions
+from visiontune.config.schema import Config, LoraConfig
+from visiontune.config.tasks import SamOptions
 from visiontune.errors import ConfigError
 from visiontune.models.load import load_model
 from visiontune.models.lora import keep_trainable_fp32, resolve_targets, unwrap

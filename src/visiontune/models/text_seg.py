@@ -34,7 +34,8 @@ from transformers.models.auto.modeling_auto import (
     MODEL_FOR_MASKED_LM_MAPPING_NAMES,
 )
 
-from visiontune.config.schema import LoraConfig, ModelConfig, TextModelConfig, VisionTowerConfig
+from visiontune.config.base import LoraConfig, ModelConfig
+from visiontune.config.tasks import TextModelConfig, VisionTowerConfig
 from visiontune.data.images import ImageSpec
 from visiontune.errors import ConfigError
 from visiontune.models import sam as sam_parts

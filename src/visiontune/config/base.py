@@ -1,0 +1,51 @@
+"""Building blocks shared by every section: strict sections, a model source, LoRA settings."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    """Where the backbone comes from: a hub id, a local directory, or an inline config."""
+
+    name_or_path: str | None = None
+    config: dict[str, Any] | None = Field(
+        default=None,
+        description="Inline transformers config (with `model_type`) for a randomly initialised "
+        "model: no download, used by the demo and the tests.",
+    )
+    revision: str | None = None
+    trust_remote_code: bool = False
+    dtype: Literal["fp32", "bf16", "fp16"] = Field(
+        default="fp32", description="dtype the frozen base weights are loaded in."
+    )
+    gradient_checkpointing: bool = False
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelConfig:
+        if (self.name_or_path is None) == (self.config is None):
+            raise ValueError("set exactly one of model.name_or_path or model.config")
+        if self.config is not None and "model_type" not in self.config:
+            raise ValueError("model.config needs a `model_type` (e.g. vit, siglip_vision_model)")
+        return self
+
+
+class LoraConfig(Section):
+    enabled: bool = True
+    rank: int = Field(default=8, ge=1)
+    alpha: float = Field(default=16, gt=0)
+    dropout: float = Field(default=0.05, ge=0, lt=1)
+    targets: str | list[str] = Field(
+        default="attention",
+        description="A preset (attention, qv, attention+mlp, all-linear), a list of module "
+        "names, or a regex prefixed with `re:`; resolved against the model's named_modules().",
+    )
+    modules_to_save: list[str] | Literal["auto"] = Field(
+        default="auto", description="Fully trained modules; `auto` picks the task head."
+    )
