@@ -83,6 +83,13 @@ def apply_lora(
         return keep_trainable_fp32(model)
     to_save = heads if cfg.modules_to_save == "auto" else cfg.modules_to_save
     targets = resolve_targets(model, cfg.targets, within=within, exclude=tuple(to_save))
+    return wrap_lora(model, cfg, targets, to_save)
+
+
+def wrap_lora(
+    model: nn.Module, cfg: LoraConfig, targets: list[str], to_save: list[str]
+) -> nn.Module:
+    """PEFT LoRA on exactly `targets` (full module names), `to_save` trained fully."""
     peft_cfg = PeftLoraConfig(
         r=cfg.rank,
         lora_alpha=cfg.alpha,
@@ -90,8 +97,7 @@ def apply_lora(
         target_modules=targets,
         modules_to_save=to_save or None,
     )
-    wrapped = get_peft_model(model, peft_cfg, autocast_adapter_dtype=True)
-    return keep_trainable_fp32(wrapped)
+    return keep_trainable_fp32(get_peft_model(model, peft_cfg, autocast_adapter_dtype=True))
 
 
 def keep_trainable_fp32(model: nn.Module) -> nn.Module:

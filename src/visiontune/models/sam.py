@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig as PeftLoraConfig
-from peft import get_peft_model
 from torch import nn
 from transformers import AutoModel, SamModel
 
@@ -23,7 +21,7 @@ from visiontune.config.schema import Config, LoraConfig
 from visiontune.config.tasks import SamOptions
 from visiontune.errors import ConfigError
 from visiontune.models.load import load_model
-from visiontune.models.lora import keep_trainable_fp32, resolve_targets, unwrap
+from visiontune.models.lora import keep_trainable_fp32, resolve_targets, unwrap, wrap_lora
 
 COMPONENTS = {
     "image_encoder": "vision_encoder",
@@ -67,14 +65,7 @@ def apply_sam_lora(sam: SamModel, lora: LoraConfig, options: SamOptions) -> nn.M
         for name in resolve_targets(sam, lora.targets, within=COMPONENTS[component] + ".")
     ]
     to_save = full if lora.modules_to_save == "auto" else full + list(lora.modules_to_save)
-    peft_cfg = PeftLoraConfig(
-        r=lora.rank,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=targets,
-        modules_to_save=to_save or None,
-    )
-    return keep_trainable_fp32(get_peft_model(sam, peft_cfg, autocast_adapter_dtype=True))
+    return wrap_lora(sam, lora, targets, to_save)
 
 
 def core(model: nn.Module) -> SamModel:
