@@ -9,6 +9,7 @@ caller decides whether to stop (up-front checks, predict) or skip and count (mid
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,13 +71,20 @@ def to_unit_tensor(img: Image.Image, spec: ImageSpec) -> torch.Tensor:
         img = pad_to_square(img)
     img = img.resize((spec.size, spec.size), Image.Resampling.BICUBIC)
     array = np.asarray(img, dtype=np.float32) / 255.0
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(array).permute(2, 0, 1)
 
 
 def normalise(unit: torch.Tensor, spec: ImageSpec) -> torch.Tensor:
-    mean = torch.tensor(spec.mean, dtype=unit.dtype).view(3, 1, 1)
-    std = torch.tensor(spec.std, dtype=unit.dtype).view(3, 1, 1)
+    mean, std = _channel_stats(spec.mean, spec.std)
     return (unit - mean) / std
+
+
+@functools.cache
+def _channel_stats(
+    mean: tuple[float, float, float], std: tuple[float, float, float]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel tensors built once, not per sample (this runs for every image)."""
+    return torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
 
 
 def load_pixels(path: Path, spec: ImageSpec) -> torch.Tensor:

@@ -10,6 +10,7 @@ ceil(batches / grad_accum_steps) optimizer steps. Every interval counts optimize
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
@@ -113,6 +114,11 @@ class Loop:
             self.device, self.precision.name,
         )  # fmt: skip
         self.stop.install()
+        # Everything built so far (modules, datasets, imported libraries) lives until the end:
+        # moving it out of the collector's view keeps full collections from rescanning it.
+        gc.collect()
+        gc.freeze()
+        self.model.train()  # once: evaluation restores it, and it walks every module
         anomaly = (
             torch.autograd.detect_anomaly() if self.cfg.train.detect_anomaly else nullcontext()
         )
@@ -145,7 +151,6 @@ class Loop:
     def optimizer_step(self) -> dict[str, Any]:
         """One update from one accumulation window; returns the metrics.jsonl record."""
         started = time.perf_counter()
-        self.model.train()
         window = self.next_window()
         loss_sum = torch.zeros((), device=self.device)
         count = 0
