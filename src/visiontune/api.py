@@ -23,6 +23,7 @@ from visiontune.engine.precision import Precision, resolve_device
 from visiontune.engine.stop import EXIT_RESUMABLE
 from visiontune.errors import VisiontuneError
 from visiontune.models.lora import check_trainable_share, trainable_report
+from visiontune.runs import ledger
 from visiontune.runs.report import plot_training, write_summary
 from visiontune.runs.rundir import LOGGER, RunDir, setup_logging
 from visiontune.task import Metrics, Task, resolved_config
@@ -65,6 +66,13 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> TrainRe
     started = time.monotonic()
     run = RunDir.prepare(cfg.run_dir, resume=resume, overwrite=overwrite)
     setup_logging(run.log)
+    if not resume:
+        for earlier in ledger.earlier_runs(cfg):
+            best = earlier["best"]
+            log.warning(
+                "these exact settings already ran as %s (%s, best %s %s): see visiontune runs",
+                earlier["run_dir"], earlier["status"], best["metric"], best["value"],
+            )  # fmt: skip
     seed_everything(cfg.train.seed)
     task = make_task(cfg)
     splits = task.datasets()
@@ -88,6 +96,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> TrainRe
     state = loop.run()
     plot_training(run, cfg.train.max_grad_norm)
     summary = write_summary(run, cfg, state, model, time.monotonic() - started)
+    ledger.record(cfg, summary)
     log.info("run directory: %s", run.root.resolve())
     return TrainResult(run.root, state, summary)
 

@@ -153,6 +153,28 @@ def predict(
 
 @app.command()
 @friendly
+def runs(
+    output_dir: Annotated[Path, typer.Argument(help="Where the runs live.")] = Path("runs"),
+) -> None:
+    """The ledger: every run with its status, best metric and the settings that differ."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from visiontune.runs import ledger
+
+    entries = ledger.read(output_dir)
+    if not entries:
+        typer.echo(f"no runs recorded in {output_dir / ledger.LEDGER}")
+        return
+    header, rows = ledger.table(entries)
+    table = Table(*header)
+    for row in rows:
+        table.add_row(*row)
+    Console(width=max(120, 16 * len(header))).print(table)
+
+
+@app.command()
+@friendly
 def export(
     run: Annotated[Path, typer.Argument(help="Run directory.")],
     merge: Annotated[Path, typer.Option(help="Write base + LoRA merged into this new dir.")],
