@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
@@ -18,6 +19,7 @@ from tests.conftest import tiny_config
 from visiontune import api
 from visiontune.engine import checkpoint as ckpt
 from visiontune.engine.stop import EXIT_RESUMABLE
+from visiontune.errors import TrainingError
 from visiontune.runs.rundir import read_jsonl
 
 
@@ -88,3 +90,23 @@ def test_sigusr1_stops_at_a_step_boundary_with_exit_75_and_resume_completes(
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "resumed from" in (tmp_path / "tiny/train.log").read_text()
     assert json.loads((tmp_path / "tiny/summary.json").read_text())["steps"] == summary["steps"] + 1
+
+
+def test_out_of_memory_names_the_keys_to_change(
+    image_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The allocator's error (raised here by the model's forward, as a GPU would) becomes
+    advice in config keys instead of a CUDA traceback."""
+    from transformers import ViTForImageClassification
+
+    def exhausted(*args: object, **kwargs: object) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(ViTForImageClassification, "forward", exhausted)
+    cfg = tiny_config(image_data, tmp_path, train={"micro_batch_size": 4, "grad_accum_steps": 2})
+    with pytest.raises(TrainingError) as info:
+        api.train(cfg)
+    message = str(info.value)
+    assert "out of memory at optimizer step 1 with micro_batch_size 4" in message
+    assert "train.micro_batch_size=2 with train.grad_accum_steps=4" in message
+    assert "model.gradient_checkpointing=true" in message

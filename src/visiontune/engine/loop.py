@@ -130,7 +130,10 @@ class Loop:
                 ) as progress,
             ):
                 while self.state.step < self.total_steps:
-                    record = self.optimizer_step()
+                    try:
+                        record = self.optimizer_step()
+                    except torch.OutOfMemoryError:
+                        raise TrainingError(self.out_of_memory_advice()) from None
                     progress.update(
                         self.state.step, record["loss"], record["lr"], record["samples_per_s"]
                     )
@@ -204,6 +207,25 @@ class Loop:
         if self.tracker:
             self.tracker.log(self.state.step, record, "train")
         return record
+
+    def out_of_memory_advice(self) -> str:
+        """What to change after an out-of-memory error, in the config's own keys."""
+        train = self.cfg.train
+        advice = [
+            f"train.micro_batch_size={max(1, train.micro_batch_size // 2)} with "
+            f"train.grad_accum_steps={train.grad_accum_steps * 2} (the same effective batch)"
+        ]
+        if not self.cfg.model.gradient_checkpointing:
+            advice.append("model.gradient_checkpointing=true")
+        if self.precision.name == "fp32":
+            advice.append("precision=bf16 (or fp16) and model.dtype=bf16")
+        resume = f"; then --resume from step {self._saved_step}" if self._saved_step else ""
+        return (
+            f"out of memory at optimizer step {self.state.step + 1} with micro_batch_size "
+            f"{train.micro_batch_size} (peak {peak_memory_mb(self.device):.0f} MB); try "
+            + ", ".join(advice)
+            + resume
+        )
 
     def after_step(self) -> bool:
         """Evaluate, save and decide whether to stop; True ends the loop."""
