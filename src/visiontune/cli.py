@@ -11,6 +11,7 @@ import csv
 import functools
 import json
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -225,6 +226,9 @@ def write_predictions(results: list[dict[str, Any]], out: Path, output_format: s
 
 
 def main() -> None:
+    # Deprecation notices between our dependencies (PEFT calling a renamed transformers
+    # method) are nothing a user can act on; they would only bury the training log.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated")
     try:
         app()
     except KeyboardInterrupt:
