@@ -1,7 +1,7 @@
 """Throughput of one LoRA image-classification workload: visiontune vs a minimal loop vs Trainer.
 
     python bench/classify_throughput.py [--steps 60] [--warmup 5] [--batch-size 32]
-        [--repeats 3] [--model-size small|base] [--threads 1] [--verbose]
+        [--repeats 3] [--model-size small|base] [--threads 1] [--steady-malloc] [--verbose]
 
 The workload (bench/README.md has the details and the latest figures): a randomly initialised
 ViT from an inline transformers config, LoRA r=8 on every encoder Linear (names read from
@@ -26,7 +26,8 @@ steps, and all a framework does after its last step (visiontune's final checkpoi
 summary, Trainer's end-of-training metrics). Wall-clock and CPU time (all threads of the
 process) are both recorded: on a machine other jobs share, CPU time is the steadier measure.
 Peak RSS (`ru_maxrss`) is read at the last timed step ("train") and at exit ("process").
-Repeats run interleaved and the table shows medians.
+Repeats run interleaved and the table shows medians. `--steady-malloc` stops glibc from
+returning activation memory to the OS between steps in every variant (see STEADY_MALLOC).
 """
 
 from __future__ import annotations
@@ -362,15 +363,23 @@ def write_data(root: Path, size: int) -> Path:
     return write_digits(root, size=size)
 
 
-def run_child(variant: str, workload: Workload, scratch: Path, verbose: bool) -> Result:
+# glibc hands freed activation buffers back to the OS and faults them in again on the next
+# step (thousands of page faults per step, more or fewer depending on each process's heap
+# history); these settings keep them in the heap, taking that noise out of the comparison.
+STEADY_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(2**32)}
+
+
+def run_child(variant: str, workload: Workload, scratch: Path, args: argparse.Namespace) -> Result:
     result_path = scratch / f"{variant}-{time.monotonic_ns()}.json"
     spec = json.dumps({**asdict(workload), "data": str(workload.data)})
     command = [sys.executable, str(Path(__file__).resolve()), "--child", variant, spec]
     command += ["--result", str(result_path)]
     threads = str(workload.threads)
     env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    if args.steady_malloc:
+        env.update(STEADY_MALLOC)
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
-    if verbose or done.returncode != 0:
+    if args.verbose or done.returncode != 0:
         print(done.stdout + done.stderr, file=sys.stderr)
     if done.returncode != 0:
         raise SystemExit(f"the {variant} variant failed (exit {done.returncode}); output above")
@@ -427,6 +436,11 @@ def main() -> None:
         default=1,
         help="torch threads per variant (1: steady on a shared machine; more oversubscribe it)",
     )
+    parser.add_argument(
+        "--steady-malloc",
+        action="store_true",
+        help="keep freed memory in glibc's heap (no per-step page faults) in every variant",
+    )
     parser.add_argument("--verbose", action="store_true", help="show each variant's output")
     parser.add_argument("--child", nargs=2, metavar=("VARIANT", "WORKLOAD"), help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
@@ -446,12 +460,13 @@ def main() -> None:
         print(
             f"LoRA ViT ({args.model_size}) on {count_images(work)} digit images: batch "
             f"{work.batch_size}, {work.warmup} warm-up + {work.steps} timed optimizer steps, "
-            f"{work.threads} torch thread(s), {args.repeats} repeat(s), {os.cpu_count()} CPUs"
+            f"{work.threads} torch thread(s), {args.repeats} repeat(s), {os.cpu_count()} CPUs, "
+            f"{'steady' if args.steady_malloc else 'default'} glibc malloc"
         )
         load_before = os.getloadavg()
         results: dict[str, list[Result]] = {v: [] for v in VARIANTS}
         for variant in interleaved(args.repeats):
-            result = run_child(variant, work, scratch, args.verbose)
+            result = run_child(variant, work, scratch, args)
             results[variant].append(result)
             print(
                 f"  {variant:<11} {result.samples_per_s:8.1f} samples/s "
