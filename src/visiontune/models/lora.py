@@ -121,10 +121,16 @@ class TrainableRow:
 
 
 def trainable_report(model: nn.Module) -> list[TrainableRow]:
-    """Trainable vs total parameters per top-level module (PEFT wrapper prefixes removed)."""
+    """Trainable vs total parameters per top-level module (PEFT wrapper prefixes removed).
+
+    The frozen original PEFT keeps beside a fully trained copy (`modules_to_save`) is not the
+    model's, so it is left out: a retrained head shows as 100% trainable, not 50%.
+    """
     trainable: dict[str, int] = defaultdict(int)
     total: dict[str, int] = defaultdict(int)
     for name, param in model.named_parameters():
+        if ".original_module." in name:
+            continue
         top = _strip_wrappers(name).split(".", 1)[0]
         total[top] += param.numel()
         if param.requires_grad:
