@@ -9,11 +9,14 @@ makes "which crop did sample 17 get in epoch 3" a reproducible question.
 from __future__ import annotations
 
 import hashlib
+from typing import TYPE_CHECKING
 
-import kornia.augmentation as K
 import torch
 
 from visiontune.config.schema import Augment
+
+if TYPE_CHECKING:
+    import kornia.augmentation as K
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -43,7 +46,12 @@ class Augmenter:
 
 
 def build_pipeline(cfg: Augment, size: int) -> K.AugmentationSequential | None:
-    """The kornia pipeline for `cfg`, or None when every augmentation is off."""
+    """The kornia pipeline for `cfg`, or None when every augmentation is off (kornia is then
+    never imported)."""
+    if cfg == Augment():
+        return None
+    import kornia.augmentation as K
+
     steps: list[K.AugmentationBase2D] = []
     if cfg.resized_crop is not None:
         steps.append(K.RandomResizedCrop((size, size), scale=tuple(cfg.resized_crop), p=1.0))

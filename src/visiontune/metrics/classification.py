@@ -6,6 +6,9 @@ set (the sensitivity of a class with no sample, kappa when everything is one cla
 with one kind of target) is left out and listed in `tables["undefined"]` rather than reported
 as 0 or NaN: a missing metric fails an acceptance criterion loudly instead of passing or
 failing it by accident.
+
+torchmetrics is imported when metrics are first computed, not with the package: it adds about
+60 MB to every training process that has not evaluated yet.
 """
 
 from __future__ import annotations
@@ -13,15 +16,6 @@ from __future__ import annotations
 import math
 
 import torch
-from torchmetrics.functional.classification import (
-    binary_auroc,
-    multiclass_accuracy,
-    multiclass_cohen_kappa,
-    multiclass_confusion_matrix,
-    multiclass_f1_score,
-    multiclass_recall,
-    multiclass_specificity,
-)
 
 from visiontune.task import Metrics
 
@@ -37,6 +31,15 @@ def classification_metrics(
 
     `probs` is (N, K) class probabilities, `targets` (N,) class indices.
     """
+    from torchmetrics.functional.classification import (
+        multiclass_accuracy,
+        multiclass_cohen_kappa,
+        multiclass_confusion_matrix,
+        multiclass_f1_score,
+        multiclass_recall,
+        multiclass_specificity,
+    )
+
     k = len(classes)
     probs = probs.float()
     targets = targets.long()
@@ -81,6 +84,8 @@ def referable_metrics(
     The binary score is the probability mass on the positive classes; the binary decision
     follows the multiclass prediction so that both views of a sample agree.
     """
+    from torchmetrics.functional.classification import binary_auroc
+
     positive = targets >= threshold_class
     predicted = probs.argmax(dim=-1) >= threshold_class
     n_pos = int(positive.sum())
