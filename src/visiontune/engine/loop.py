@@ -10,7 +10,6 @@ ceil(batches / grad_accum_steps) optimizer steps. Every interval counts optimize
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import math
@@ -114,10 +113,6 @@ class Loop:
             self.device, self.precision.name,
         )  # fmt: skip
         self.stop.install()
-        # Everything built so far (modules, datasets, imported libraries) lives until the end:
-        # moving it out of the collector's view keeps full collections from rescanning it.
-        gc.collect()
-        gc.freeze()
         self.model.train()  # once: evaluation restores it, and it walks every module
         anomaly = (
             torch.autograd.detect_anomaly() if self.cfg.train.detect_anomaly else nullcontext()
