@@ -87,6 +87,24 @@ class DataConfig(Section):
     val_fraction: float = Field(
         default=0.0, ge=0, lt=1, description="Held out from train when `val` is not given."
     )
+    group_pattern: str | None = Field(
+        default=None,
+        description="Regex whose first group (or whole match) in a sample id names the "
+        "patient, e.g. '^(\\d+)_' for EyePACS ids like 10_left: the val_fraction hold-out then "
+        "keeps a patient's images (both eyes) on one side, so validation never sees a patient "
+        "it trained on.",
+    )
+
+    @field_validator("group_pattern")
+    @classmethod
+    def _regex(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as err:
+                raise ValueError(f"not a regular expression: {err}") from None
+        return value
+
     csv: CsvColumns = CsvColumns()
     classes: list[str] | None = Field(
         default=None,

@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import logging
 import random
+import re
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,7 +123,7 @@ def build_splits(cfg: Config, spec: ImageSpec) -> tuple[list[str], Splits]:
             problems.append(f"data.{split}: split is empty (no images in {where})")
     if "train" in records and data.val is None and data.val_fraction > 0:
         records["train"], records["val"] = stratified_holdout(
-            records["train"], data.val_fraction, cfg.train.seed, problems
+            records["train"], data.val_fraction, cfg.train.seed, problems, data.group_pattern
         )
     if problems:
         raise ConfigError(problems, source="data")
@@ -141,27 +142,60 @@ def build_splits(cfg: Config, spec: ImageSpec) -> tuple[list[str], Splits]:
 
 
 def stratified_holdout(
-    records: list[Record], fraction: float, seed: int, problems: list[str]
+    records: list[Record],
+    fraction: float,
+    seed: int,
+    problems: list[str],
+    group_pattern: str | None = None,
 ) -> tuple[list[Record], list[Record]]:
-    """Hold out `fraction` of each class (seeded), so val keeps the train class balance."""
-    by_class: dict[int, list[Record]] = defaultdict(list)
-    for record in records:
-        by_class[record.label].append(record)
+    """Hold out `fraction` of each class (seeded), so val keeps the train class balance.
+
+    With `group_pattern` whole groups (a patient's images) are held out together, stratified
+    by the group's highest label: splitting images instead would put one eye of a patient in
+    train and the other in val, and the validation score would flatter the model.
+    """
+    groups = _groups(records, group_pattern, problems)
+    by_class: dict[int, list[list[Record]]] = defaultdict(list)
+    for members in groups.values():
+        by_class[max(r.label for r in members)].append(members)
     rng = random.Random(seed)
     train: list[Record] = []
     val: list[Record] = []
     for label in sorted(by_class):
-        members = list(by_class[label])
-        rng.shuffle(members)
-        n_val = min(round(len(members) * fraction), len(members) - 1)
-        val.extend(members[:n_val])
-        train.extend(members[n_val:])
+        stratum = list(by_class[label])
+        rng.shuffle(stratum)
+        n_val = min(round(len(stratum) * fraction), len(stratum) - 1)
+        val.extend(r for members in stratum[:n_val] for r in members)
+        train.extend(r for members in stratum[n_val:] for r in members)
     if records and not val:
         problems.append(
             f"data.val_fraction: {fraction} of {len(records)} train images holds out no image; "
             "raise it or give data.val"
         )
     return train, val
+
+
+def _groups(
+    records: list[Record], pattern: str | None, problems: list[str]
+) -> dict[str, list[Record]]:
+    """Records by group: each its own without a pattern, else by the pattern's match."""
+    if pattern is None:
+        return {str(i): [r] for i, r in enumerate(records)}
+    regex = re.compile(pattern)
+    groups: dict[str, list[Record]] = defaultdict(list)
+    unmatched = []
+    for record in records:
+        match = regex.search(record.sample_id)
+        if match is None:
+            unmatched.append(record.sample_id)
+        else:
+            groups[match.group(1) if regex.groups else match.group(0)].append(record)
+    if unmatched:
+        problems.append(
+            f"data.group_pattern: {pattern!r} matches no group in {len(unmatched)} sample id(s), "
+            f"e.g. {unmatched[:3]}"
+        )
+    return groups
 
 
 def _read_split(data: DataConfig, split: str, path: Path, problems: list[str]) -> list[RawEntry]:
