@@ -142,5 +142,20 @@ def config_hash(cfg: Config) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def flat_settings(cfg: Config) -> dict[str, Any]:
+    """Every option as a dotted key (lists kept whole): how runs and checkpoints compare."""
+    flat: dict[str, Any] = {}
+
+    def walk(node: dict[str, Any], prefix: str) -> None:
+        for key, value in node.items():
+            if isinstance(value, dict) and value:
+                walk(value, f"{prefix}{key}.")
+            else:
+                flat[f"{prefix}{key}"] = value
+
+    walk(cfg.model_dump(mode="json"), "")
+    return flat
+
+
 def dump_yaml(cfg: Config) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

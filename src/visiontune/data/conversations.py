@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,21 +118,24 @@ def load_conversations(
     A record may also carry a `bbox` or `point` (pixels of its first image) and a `type`:
     LLaMA-Factory ignores them, and evaluation uses them to score the generated clicks.
     """
-    samples, problems = [], []
-    for name, record in read_records(path):
-        try:
-            samples.append(_conversation(name, record, path.parent, box_format))
-        except _Problem as problem:
-            problems.append(f"{name}: {problem}")
-    return _checked(samples, problems, path)
+    return _load(path, _conversation, box_format)
 
 
 def load_grounding(path: Path, box_format: Literal["xyxy", "xywh"] = "xyxy") -> list[Conversation]:
     """Read grounding records and check them (DataError listing all problems)."""
+    return _load(path, _grounding, box_format)
+
+
+def _load(
+    path: Path,
+    parse: Callable[[str, dict[str, Any], Path, Literal["xyxy", "xywh"]], Conversation],
+    box_format: Literal["xyxy", "xywh"],
+) -> list[Conversation]:
+    """Parse every record, collecting each record's problem instead of stopping at the first."""
     samples, problems = [], []
     for name, record in read_records(path):
         try:
-            samples.append(_grounding(name, record, path.parent, box_format))
+            samples.append(parse(name, record, path.parent, box_format))
         except _Problem as problem:
             problems.append(f"{name}: {problem}")
     return _checked(samples, problems, path)

@@ -122,10 +122,6 @@ def is_complete(directory: Path, verify_hashes: bool = True) -> bool:
         return False
 
 
-def read_manifest(directory: Path) -> dict[str, Any]:
-    return json.loads((directory / MANIFEST).read_text())
-
-
 def step_dirs(root: Path) -> list[Path]:
     """Checkpoint directories under `root`, oldest step first (incomplete ones included)."""
     if not root.is_dir():

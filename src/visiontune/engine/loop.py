@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from visiontune.config.load import config_hash, dump_yaml, load_config
+from visiontune.config.load import config_hash, dump_yaml, flat_settings, load_config
 from visiontune.config.schema import Config, parse_duration
 from visiontune.engine import checkpoint as ckpt
 from visiontune.engine.optim import build_optimizer, build_scheduler
@@ -404,22 +404,12 @@ DATA_ORDER_KEYS = {
 
 def config_changes(before: Config, after: Config) -> dict[str, str]:
     """Dotted key -> "key (old -> new)" for every leaf setting that differs."""
-    old, new = _flatten(before.model_dump(mode="json")), _flatten(after.model_dump(mode="json"))
+    old, new = flat_settings(before), flat_settings(after)
     return {
         key: f"{key} ({old.get(key)!r} -> {new.get(key)!r})"
         for key in old.keys() | new.keys()
         if old.get(key) != new.get(key)
     }
-
-
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def run_evaluation(

@@ -6,7 +6,6 @@ real one users take, and it is the same `from_pretrained` call for a local direc
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -52,10 +51,6 @@ def build_config(inline: dict[str, Any], **kwargs: Any) -> PretrainedConfig:
         return AutoConfig.for_model(model_type, **values, **kwargs)
     except (ValueError, TypeError) as err:
         raise ConfigError([f"model.config: {_first_line(err)}"]) from None
-
-
-def source_is_local(model_cfg: ModelConfig) -> bool:
-    return model_cfg.name_or_path is not None and Path(model_cfg.name_or_path).is_dir()
 
 
 def _first_line(err: Exception) -> str:

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from visiontune.config.load import flat_settings
 from visiontune.config.schema import Config
 
 LEDGER = "ledger.jsonl"
@@ -21,18 +22,8 @@ _NOT_SETTINGS = {"name", "output_dir"}
 
 
 def settings(cfg: Config) -> dict[str, Any]:
-    """Every option as a dotted key (lists kept whole), without the run's name and location."""
-    flat: dict[str, Any] = {}
-
-    def walk(node: dict[str, Any], prefix: str) -> None:
-        for key, value in node.items():
-            if isinstance(value, dict) and value:
-                walk(value, f"{prefix}{key}.")
-            else:
-                flat[f"{prefix}{key}"] = value
-
-    walk({k: v for k, v in cfg.model_dump(mode="json").items() if k not in _NOT_SETTINGS}, "")
-    return flat
+    """Every option as a dotted key, without the run's name and location."""
+    return {k: v for k, v in flat_settings(cfg).items() if k not in _NOT_SETTINGS}
 
 
 def experiment_id(cfg: Config) -> str:
