@@ -1,4 +1,7 @@
-"""The library surface: train, evaluate and predict; the CLI is a thin layer over these."""
+"""The library surface: train, evaluate and predict; the CLI is a thin layer over these.
+
+Each reads as config -> task (data, adapter, loss, metrics) -> runner/loop -> run directory.
+"""
 
 from __future__ import annotations
 
@@ -13,20 +16,21 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-from torch import nn
 
 from visiontune.config.load import dump_yaml, load_config
 from visiontune.config.schema import Config
 from visiontune.engine import checkpoint as ckpt
-from visiontune.engine.loop import Loop, TrainState, run_evaluation
-from visiontune.engine.precision import Precision, resolve_device
+from visiontune.engine import state as st
+from visiontune.engine.loop import Loop
+from visiontune.engine.runner import Runner
+from visiontune.engine.state import TrainState
 from visiontune.engine.stop import EXIT_RESUMABLE
 from visiontune.errors import VisiontuneError
-from visiontune.models.lora import check_trainable_share, trainable_report
+from visiontune.models.lora import check_trainable_share
 from visiontune.runs import ledger
 from visiontune.runs.report import plot_training, write_summary
 from visiontune.runs.rundir import LOGGER, RunDir, setup_logging
-from visiontune.task import Metrics, Task, resolved_config
+from visiontune.task import Metrics, ModelAdapter, Task, resolved_config
 
 log = logging.getLogger(LOGGER)
 
@@ -62,7 +66,11 @@ def seed_everything(seed: int) -> None:
 
 
 def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> TrainResult:
-    """Train as `cfg` says into `cfg.run_dir`; with `resume`, continue its latest checkpoint."""
+    """Train as `cfg` says into `cfg.run_dir`; with `resume`, continue its latest checkpoint.
+
+    A failure after the run directory exists is recorded (train.log, summary.json with status
+    `failed` and the message, the ledger) before it propagates.
+    """
     started = time.monotonic()
     run = RunDir.prepare(cfg.run_dir, resume=resume, overwrite=overwrite)
     setup_logging(run.log)
@@ -73,76 +81,117 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> TrainRe
                 "these exact settings already ran as %s (%s, best %s %s): see visiontune runs",
                 earlier["run_dir"], earlier["status"], best["metric"], best["value"],
             )  # fmt: skip
-    seed_everything(cfg.train.seed)
-    task = make_task(cfg)
-    splits = task.datasets()
-    model = build_model(task, cfg, run)
-    run.config.write_text(dump_yaml(resolved_config(task, cfg)))
-    loop = Loop(cfg, task, model, splits, run, started=started)
-    if resume:
-        latest = ckpt.latest_complete(run.checkpoints)
-        if latest is None:
-            log.warning("--resume: no complete checkpoint in %s; starting from step 0", run.root)
-        else:
-            loop.resume_from(latest)
-    elif cfg.init_from is not None:
-        source = weights_dir(cfg.init_from)
-        ckpt.load_weights(model, source)
-        log.warning(
-            "init_from: loaded WEIGHTS ONLY from %s; optimizer, schedule and step start fresh "
-            "(this is not a resume: use --resume to continue a run)",
-            source,
-        )
-    state = loop.run()
+    state = TrainState()
+    adapter: ModelAdapter | None = None
+    try:
+        seed_everything(cfg.train.seed)
+        task = make_task(cfg)
+        splits = task.datasets()
+        adapter = build_adapter(task, cfg, run, report=True)
+        run.config.write_text(dump_yaml(resolved_config(task, cfg)))
+        loop = Loop(cfg, task, Runner(cfg, adapter), splits, run, started=started)
+        state = loop.state
+        start_from(loop, cfg, run, resume)
+        state = loop.run()
+    except Exception as err:
+        log.exception("training failed at step %d: %s", state.step, err)
+        state.stop_reason = "failed"
+        summary = write_summary(run, cfg, state, adapter, time.monotonic() - started)
+        summary["error"] = f"{type(err).__name__}: {err}"
+        run.write_json(run.summary, summary)
+        ledger.record(cfg, summary)
+        raise
     plot_training(run, cfg.train.max_grad_norm)
-    summary = write_summary(run, cfg, state, model, time.monotonic() - started)
+    summary = write_summary(run, cfg, state, adapter, time.monotonic() - started)
     ledger.record(cfg, summary)
     log.info("run directory: %s", run.root.resolve())
     return TrainResult(run.root, state, summary)
 
 
-def build_model(task: Task, cfg: Config, run: RunDir) -> nn.Module:
-    """Build the task's model, report what trains, and pin the random init of inline models."""
-    model = task.build_model()
-    rows = trainable_report(model)
-    for row in rows:
-        share = row.trainable / row.total if row.total else 0.0
-        log.info(
-            "  %-28s %12d / %12d trainable (%.2f%%)",
-            row.module,
-            row.trainable,
-            row.total,
-            100 * share,
-        )
-    warning = check_trainable_share(rows, cfg.lora.enabled)
-    if warning:
-        log.warning(warning)
+def start_from(loop: Loop, cfg: Config, run: RunDir, resume: bool) -> None:
+    """Continue the latest complete checkpoint, else start from `init_from`'s weights.
+
+    `--resume` of a run with no checkpoint yet is a first start, so it honours init_from: the
+    SLURM script passes `--resume` to the first job as to every requeued one.
+    """
+    latest = ckpt.latest_complete(run.checkpoints) if resume else None
+    if latest is not None:
+        loop.resume_from(latest)
+        return
+    if resume:
+        log.warning("--resume: no complete checkpoint in %s; starting from step 0", run.root)
+    if cfg.init_from is not None:
+        source, label = weights_dir(cfg.init_from)
+        st.load_weights(loop.runner.adapter, source)
+        log.warning(
+            "init_from: loaded WEIGHTS ONLY from %s (%s); optimizer, schedule and step start "
+            "fresh (this is not a resume: use --resume to continue a run)",
+            source, label,
+        )  # fmt: skip
+
+
+def build_adapter(task: Task, cfg: Config, run: RunDir, report: bool = False) -> ModelAdapter:
+    """The task's model adapter; with `report`, what trains (once per run, at its start).
+
+    Inline random-init models pin their frozen weights in the run directory, so eval and
+    predict rebuild exactly the base training saw.
+    """
+    adapter = task.adapter()
+    if report:
+        rows = adapter.trainable_rows()
+        for row in rows:
+            share = row.trainable / row.total if row.total else 0.0
+            log.info(
+                "  %-28s %12d / %12d trainable (%.2f%%)",
+                row.component, row.trainable, row.total, 100 * share,
+            )  # fmt: skip
+        warning = check_trainable_share(rows, cfg.lora.enabled)
+        if warning:
+            log.warning(warning)
     if cfg.model.config is not None:
         frozen = {
-            n: p.detach().contiguous() for n, p in model.named_parameters() if not p.requires_grad
+            n: p.detach().contiguous() for n, p in adapter.named_parameters() if not p.requires_grad
         }
         if run.base_weights.is_file():
-            model.load_state_dict(load_file(str(run.base_weights)), strict=False)
+            adapter.load_state_dict(load_file(str(run.base_weights)), strict=False)
         elif frozen:
             save_file(frozen, str(run.base_weights))
-    return model
+    return adapter
 
 
-def weights_dir(path: Path) -> Path:
-    """A run directory means its best/ weights; a checkpoint or best/ directory itself."""
+def weights_dir(path: Path) -> tuple[Path, str]:
+    """The weights a path means, and a label saying which: a checkpoint or best/ directory
+    itself; for a run directory its best/, else (missing or damaged) its latest checkpoint."""
     path = Path(path)
-    if (path / ckpt.WEIGHTS).is_file():
-        return path
-    if (path / "best" / ckpt.WEIGHTS).is_file():
-        return path / "best"
+    if (path / st.WEIGHTS).is_file():
+        return path, path.name
+    best = path / "best"
+    if (best / st.WEIGHTS).is_file():
+        if ckpt.is_complete(best):
+            manifest = st.read_manifest(best) or {}
+            return best, f"best (step {manifest.get('step')})"
+        log.warning("%s is damaged (its files do not match its manifest): not used", best)
     latest = ckpt.latest_complete(path / "checkpoints")
     if latest is not None:
-        return latest
+        label = f"latest checkpoint {latest.name} (no usable best/)"
+        log.warning("%s: evaluating the %s", path, label)
+        return latest, label
     raise VisiontuneError(f"{path}: no weights found (expected best/ or checkpoints/step-*)")
 
 
-def load_run(run_dir: Path, checkpoint: Path | None = None) -> tuple[Config, Task, nn.Module]:
-    """The config, task and trained model of a finished (or interrupted) run."""
+@dataclass
+class LoadedRun:
+    """A finished (or interrupted) run ready to evaluate or predict, and which weights it has."""
+
+    cfg: Config
+    task: Task
+    runner: Runner
+    weights: Path
+    label: str
+
+
+def load_run(run_dir: Path, checkpoint: Path | None = None) -> LoadedRun:
+    """The config, the task and a runner over the trained adapter of a run."""
     run = RunDir(Path(run_dir))
     if not run.config.is_file():
         raise VisiontuneError(f"{run.root} is not a visiontune run directory (no config.yaml)")
@@ -150,38 +199,35 @@ def load_run(run_dir: Path, checkpoint: Path | None = None) -> tuple[Config, Tas
     cfg = load_config(run.config)
     seed_everything(cfg.train.seed)
     task = make_task(cfg)
-    model = build_model(task, cfg, run)
-    ckpt.load_weights(model, weights_dir(checkpoint or run.root))
-    model.to(resolve_device(cfg.train.device))
-    model.eval()
-    return cfg, task, model
+    adapter = build_adapter(task, cfg, run)
+    source, label = weights_dir(checkpoint or run.root)
+    st.load_weights(adapter, source)
+    runner = Runner(cfg, adapter)
+    runner.model.eval()
+    return LoadedRun(cfg, task, runner, source, label)
 
 
 def evaluate(
     run_dir: Path, split: str = "val", checkpoint: Path | None = None
 ) -> tuple[Metrics, Path]:
     """Score a run's best/ weights (or a checkpoint) on a split; save metrics and figures."""
-    cfg, task, model = load_run(run_dir, checkpoint)
-    dataset = task.datasets().get(split)
+    loaded = load_run(run_dir, checkpoint)
+    dataset = loaded.task.datasets().get(split)
     if dataset is None:
         raise VisiontuneError(f"the run's config has no {split} split (data.{split})")
-    precision = Precision(cfg.precision, next(model.parameters()).device)
-    metrics = run_evaluation(cfg, task, model, dataset, precision)
-    source = "best" if checkpoint is None else Path(checkpoint).name
-    out = Path(run_dir) / f"eval-{split}-{source}"
+    metrics = loaded.runner.evaluate(loaded.task, dataset)
+    out = Path(run_dir) / f"eval-{split}-{loaded.weights.name}"
     out.mkdir(exist_ok=True)
-    RunDir(out).write_json(
-        out / "metrics.json",
-        {"split": split, "weights": source, **metrics.scalars, "tables": metrics.tables},
-    )
-    task.save_figures(metrics, out)
+    record = {"split": split, "weights": loaded.label, **metrics.scalars}
+    RunDir(out).write_json(out / "metrics.json", {**record, "tables": metrics.tables})
+    loaded.task.save_figures(metrics, out)
+    log.info("evaluated %s on %s", loaded.label, split)
     return metrics, out
 
 
 def predict(
     run_dir: Path, inputs: list[dict[str, Any]], out_dir: Path, checkpoint: Path | None = None
 ) -> list[dict[str, Any]]:
-    _, task, model = load_run(run_dir, checkpoint)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad():
-        return task.predict(model, inputs, out_dir)
+    """Predictions of best/ (or a checkpoint) under the same precision policy as eval."""
+    loaded = load_run(run_dir, checkpoint)
+    return loaded.runner.predict(loaded.task, inputs, out_dir)

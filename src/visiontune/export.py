@@ -14,22 +14,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from peft import PeftModel
-from torch import nn
-
 from visiontune.errors import VisiontuneError
 
 log = logging.getLogger(__name__)
-
-
-def merge_lora(model: nn.Module) -> nn.Module:
-    """The base model with every LoRA update added into its weights (no PEFT layers left).
-
-    A model trained without LoRA (lora.enabled: false) is returned unchanged.
-    """
-    if isinstance(model, PeftModel):
-        return model.merge_and_unload()
-    return model
 
 
 def export_merged(run_dir: Path, out_dir: Path, checkpoint: Path | None = None) -> Path:
@@ -42,9 +29,9 @@ def export_merged(run_dir: Path, out_dir: Path, checkpoint: Path | None = None) 
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise VisiontuneError(f"{out_dir} is not empty; export into a new directory")
-    cfg, task, model = load_run(Path(run_dir), checkpoint)
-    merged = merge_lora(model)
-    merged.save_pretrained(str(out_dir))
+    loaded = load_run(Path(run_dir), checkpoint)
+    cfg, task = loaded.cfg, loaded.task
+    loaded.runner.adapter.export_merged(out_dir)
     export_files = getattr(task, "export_files", None)
     if export_files is not None:
         export_files(out_dir)

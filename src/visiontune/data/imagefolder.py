@@ -79,6 +79,11 @@ class ImageClassificationDataset(Dataset):
     def labels(self) -> list[int]:
         return [r.label for r in self.records]
 
+    @property
+    def keys(self) -> list[str]:
+        """Sample id and label index per sample: what a resumed data position refers to."""
+        return [f"{r.sample_id}\t{r.label}" for r in self.records]
+
     def set_epoch(self, epoch: int) -> None:
         """Called by the engine before each epoch: augmentation is drawn per (epoch, index)."""
         self.epoch = epoch

@@ -219,6 +219,11 @@ class SegmentationDataset(Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    @property
+    def keys(self) -> list[str]:
+        """Sample id, image and queries per sample: what a resumed data position refers to."""
+        return [f"{r.sample_id}\t{r.image}\t{r.texts}" for r in self.records]
+
     def __len__(self) -> int:
         return len(self.records)
 

@@ -21,62 +21,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from peft import PeftModel
-from safetensors.torch import load_file, save_file
-from torch import nn
-
-from visiontune.errors import VisiontuneError
 
 MANIFEST = "manifest.json"
-WEIGHTS = "trainable.safetensors"
 STEP_PREFIX = "step-"
-
-
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Trainable parameters plus persistent buffers (norm statistics): what training changes."""
-    params = dict(model.named_parameters())
-    return {
-        name: tensor.detach().contiguous()
-        for name, tensor in model.state_dict().items()
-        if name not in params or params[name].requires_grad
-    }
-
-
-def write_weights(model: nn.Module, directory: Path, base_model_id: str | None) -> None:
-    """trainable.safetensors (exact, for resume and eval) and, for PEFT models, the standard
-    adapter files so `PeftModel.from_pretrained(base, directory)` works outside visiontune."""
-    save_file(trainable_state(model), str(directory / WEIGHTS))
-    if isinstance(model, PeftModel):
-        model.save_pretrained(str(directory))
-        if base_model_id:
-            _set_adapter_base(directory / "adapter_config.json", base_model_id)
-
-
-def _set_adapter_base(path: Path, base_model_id: str) -> None:
-    """Record the hub id (not a local cache path) as the adapter's base model."""
-    config = json.loads(path.read_text())
-    config["base_model_name_or_path"] = base_model_id
-    path.write_text(json.dumps(config, indent=2))
-
-
-def load_weights(model: nn.Module, directory: Path) -> None:
-    """Load trainable.safetensors, refusing silently partial loads."""
-    path = directory / WEIGHTS
-    if not path.is_file():
-        raise VisiontuneError(f"{directory} holds no {WEIGHTS}: not a visiontune checkpoint")
-    state = load_file(str(path))
-    expected = trainable_state(model)
-    unexpected = sorted(set(state) - set(model.state_dict()))
-    missing = sorted(set(expected) - set(state))
-    reshaped = [k for k in state if k in expected and state[k].shape != expected[k].shape]
-    if unexpected or missing or reshaped:
-        example = (unexpected or missing or reshaped)[:3]
-        raise VisiontuneError(
-            f"{path} does not match this model ({len(unexpected)} unexpected, {len(missing)} "
-            f"missing, {len(reshaped)} differently shaped tensors, e.g. {example}): was it "
-            "trained with another config?"
-        )
-    model.load_state_dict(state, strict=False)
 
 
 def write_atomically(final: Path, fill: Callable[[Path], None], meta: dict[str, Any]) -> Path:

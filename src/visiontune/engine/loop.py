@@ -6,6 +6,9 @@ number of items in the whole window, so GA=k at micro-batch b equals GA=1 at bat
 when micro-batches differ in size. At an epoch end a partial window is stepped with what it
 holds (normalised by its own count), so every sample is seen once per epoch and an epoch is
 ceil(batches / grad_accum_steps) optimizer steps. Every interval counts optimizer steps.
+
+Loss sums, item counts and the finite-loss check stay on the device through the window: the
+host reads them once per optimizer step, so the backward is queued while the forward runs.
 """
 
 from __future__ import annotations
@@ -17,46 +20,30 @@ import resource
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from visiontune.config.load import config_hash, dump_yaml, flat_settings, load_config
+from visiontune.config.load import config_hash, dump_yaml, load_config
 from visiontune.config.schema import Config, parse_duration
 from visiontune.engine import checkpoint as ckpt
+from visiontune.engine import state as st
 from visiontune.engine.optim import build_optimizer, build_scheduler
 from visiontune.engine.order import DataOrder
-from visiontune.engine.precision import Precision, resolve_device
+from visiontune.engine.runner import Runner
+from visiontune.engine.state import TrainState
 from visiontune.engine.stop import EarlyStopping, StopRequest
 from visiontune.errors import TrainingError
 from visiontune.metrics.acceptance import judge
 from visiontune.runs.progress import TrainProgress
 from visiontune.runs.rundir import LOGGER, RunDir
 from visiontune.runs.trackers import TensorBoard
-from visiontune.task import Batch, Metrics, Splits, Task
+from visiontune.task import Batch, Metrics, Splits, Task, resolved_config
 
 log = logging.getLogger(LOGGER)
-
-
-@dataclass
-class TrainState:
-    """Everything besides tensors that a resumed run needs to continue exactly."""
-
-    step: int = 0
-    epoch: int = 0
-    batch_in_epoch: int = 0
-    samples_seen: int = 0
-    skipped_samples: int = 0
-    best_metric: float | None = None
-    best_step: int | None = None
-    evals_without_improvement: int = 0
-    stop_reason: str | None = None
-    last_eval: dict[str, float] = field(default_factory=dict)
-    acceptance: dict[str, Any] = field(default_factory=dict)
 
 
 class Loop:
@@ -64,18 +51,15 @@ class Loop:
         self,
         cfg: Config,
         task: Task,
-        model: nn.Module,
+        runner: Runner,
         splits: Splits,
         run: RunDir,
         started: float | None = None,
     ) -> None:
-        self.cfg, self.task, self.splits, self.rundir = cfg, task, splits, run
-        self.device = resolve_device(cfg.train.device)
-        self.model = model.to(self.device)
-        self.precision = Precision(cfg.precision, self.device)
-        self.precision.check_trainables(self.model)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.cfg, self.task, self.runner, self.splits, self.rundir = cfg, task, runner, splits, run
+        self.device = runner.device
+        self.params = [p for p in runner.adapter.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(runner.adapter, cfg.optim)
         self.order = DataOrder(
             train_indices(len(splits.train), cfg.train.max_samples, cfg.train.seed),
             cfg.train.micro_batch_size,
@@ -100,6 +84,7 @@ class Loop:
         self._batches: Iterator[Batch] | None = None
         self._step_seconds = 0.0
         self._save_seconds = 0.0
+        self._eval_seconds = 0.0
         self._saved_step: int | None = None
 
     # ---- the story -------------------------------------------------------------------------
@@ -110,10 +95,10 @@ class Loop:
             " on %s in %s",
             self.total_steps, self.updates_per_epoch, self.order.batches_per_epoch,
             self.cfg.train.micro_batch_size, self.cfg.train.grad_accum_steps,
-            self.device, self.precision.name,
+            self.device, self.runner.precision.name,
         )  # fmt: skip
         self.stop.install()
-        self.model.train()  # once: evaluation restores it, and it walks every module
+        self.runner.train_mode()  # once: evaluation restores it, and it walks every module
         anomaly = (
             torch.autograd.detect_anomaly() if self.cfg.train.detect_anomaly else nullcontext()
         )
@@ -150,34 +135,50 @@ class Loop:
         """One update from one accumulation window; returns the metrics.jsonl record."""
         started = time.perf_counter()
         window = self.next_window()
+        precision = self.runner.precision
         loss_sum = torch.zeros((), device=self.device)
-        count = 0
-        divisor = 0
+        count = torch.zeros((), device=self.device)
+        parts: dict[str, torch.Tensor] = {}
+        finite = torch.ones((), dtype=torch.bool, device=self.device)
+        divisor: torch.Tensor | None = None
         for micro in window:
-            with self.precision.autocast():
-                out = self.task.loss(self.model, micro)
-            if not torch.isfinite(out.loss_sum):
-                raise TrainingError(
-                    f"loss is {out.loss_sum.item()} at optimizer step {self.state.step + 1} "
-                    f"(epoch {self.state.epoch}), micro-batch with samples {micro.ids[:8]}; "
-                    "try a lower optim.lr, precision bf16/fp32, or train.detect_anomaly: true"
-                )
+            out = self.task.loss(self.runner.forward(micro), micro)
+            items = torch.as_tensor(out.count, device=self.device, dtype=torch.float32)
             # One divisor for the whole window keeps gradient magnitudes mean-like (fp16
             # headroom); the exact window count is applied below, once it is known.
-            divisor = divisor or max(int(out.count), 1) * len(window)
-            self.precision.backward(out.loss_sum / divisor)
+            if divisor is None:
+                divisor = items.clamp(min=1) * len(window)
+            precision.backward(out.loss_sum / divisor)
             loss_sum += out.loss_sum.detach().float()
-            count += int(out.count)
-        self.precision.unscale(self.optimizer)
-        for param in self.params:
-            if param.grad is not None:
-                param.grad.mul_(divisor / max(count, 1))
+            count += items
+            finite &= torch.isfinite(out.loss_sum.detach())
+            for name, value in out.parts.items():
+                parts[name] = parts.get(name, 0.0) + value.detach().float()
+        if not bool(finite):
+            raise TrainingError(
+                f"loss is not finite at optimizer step {self.state.step + 1} (epoch "
+                f"{self.state.epoch}), in a window with samples "
+                f"{[i for m in window for i in m.ids][:8]}; try a lower optim.lr, precision "
+                "bf16/fp32, or train.detect_anomaly: true"
+            )
+        precision.unscale(self.optimizer)
+        assert divisor is not None
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, divisor / count.clamp(min=1))
         max_norm = self.cfg.train.max_grad_norm or math.inf
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
         lr = self.optimizer.param_groups[0]["lr"]
-        applied = self.precision.step(self.optimizer)
+        applied = precision.step(self.optimizer)
         if applied:  # an fp16 overflow skips the update, and so does not advance the schedule
             self.scheduler.step()
+            self.state.updates_applied += 1
+        else:
+            log.warning(
+                "step %d: fp16 overflow (gradient norm %s), update skipped and loss scale "
+                "lowered (%d of %d updates applied so far)",
+                self.state.step + 1, grad_norm, self.state.updates_applied, self.state.step + 1,
+            )  # fmt: skip
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
         samples = sum(len(m) for m in window)
@@ -186,10 +187,12 @@ class Loop:
         self._step_seconds = (
             seconds if self.state.step == 1 else 0.9 * self._step_seconds + 0.1 * seconds
         )
+        items = max(float(count), 1.0)
         record = {
             "step": self.state.step,
             "epoch": round(self.state.step / self.updates_per_epoch, 4),
-            "loss": loss_sum.item() / max(count, 1),
+            "loss": loss_sum.item() / items,
+            **{f"loss.{name}": float(value) / items for name, value in parts.items()},
             "lr": lr,
             "grad_norm": grad_norm,
             "clipped": bool(grad_norm > max_norm),
@@ -212,7 +215,7 @@ class Loop:
         ]
         if not self.cfg.model.gradient_checkpointing:
             advice.append("model.gradient_checkpointing=true")
-        if self.precision.name == "fp32":
+        if self.runner.precision.name == "fp32":
             advice.append("precision=bf16 (or fp16) and model.dtype=bf16")
         resume = f"; then --resume from step {self._saved_step}" if self._saved_step else ""
         return (
@@ -223,17 +226,27 @@ class Loop:
         )
 
     def after_step(self) -> bool:
-        """Evaluate, save and decide whether to stop; True ends the loop."""
+        """Decide whether to stop, else evaluate and save as due; True ends the loop.
+
+        A signal or the time limit is looked at first: a job asked to stop saves and exits
+        instead of running an evaluation that may outlast its grace period. The time-limit
+        margin covers the next step, a save, and an evaluation when one is due next step.
+        """
         step = self.state.step
         every_eval = self.cfg.eval.every_steps
-        if every_eval and step % every_eval == 0:
-            self.evaluate()
-        every_save = self.cfg.checkpoint.every_steps
-        if every_save and step % every_save == 0:
-            self.save_checkpoint()
-        reason = self.stop.reason(2 * self._step_seconds + self._save_seconds)
-        if reason is None and self.early.should_stop(self.state.evals_without_improvement, step):
-            reason = "early_stopped"
+        eval_due = bool(every_eval) and step % every_eval == 0  # type: ignore[operator]
+        eval_next = bool(every_eval) and (step + 1) % every_eval == 0  # type: ignore[operator]
+        margin = self._step_seconds + self._save_seconds
+        margin += self._eval_seconds * (int(eval_due) + int(eval_next))
+        reason = self.stop.reason(margin)
+        if reason is None:
+            if eval_due:
+                self.evaluate()
+            every_save = self.cfg.checkpoint.every_steps
+            if every_save and step % every_save == 0:
+                self.save_checkpoint()
+            if self.early.should_stop(self.state.evals_without_improvement, step):
+                reason = "early_stopped"
         if reason:
             self.state.stop_reason = reason
             log.warning("stopping at step %d: %s", step, reason)
@@ -299,19 +312,27 @@ class Loop:
     # ---- evaluation ------------------------------------------------------------------------
 
     def evaluate(self) -> Metrics | None:
+        """Score the eval split; a selection metric missing this time counts as no improvement
+        (an early model may not answer parseably yet), never as a reason to kill the run."""
         dataset = self.eval_dataset()
         if dataset is None:
             return None
-        metrics = run_evaluation(self.cfg, self.task, self.model, dataset, self.precision)
+        started = time.monotonic()
+        metrics = self.runner.evaluate(self.task, dataset)
+        self._eval_seconds = time.monotonic() - started
         scalars = metrics.scalars
         name = self.cfg.eval.metric
-        if name not in scalars:
-            raise TrainingError(
-                f"eval.metric: {name!r} is not among this task's metrics {sorted(scalars)}"
-            )
         self.state.acceptance = judge(self.cfg.acceptance, scalars)
-        if self.early.improved(scalars[name], self.state.best_metric):
-            self.state.best_metric, self.state.best_step = scalars[name], self.state.step
+        value = scalars.get(name)
+        if value is None or not math.isfinite(value):
+            log.warning(
+                "eval at step %d: eval.metric %r is missing or not finite (metrics: %s); "
+                "counted as no improvement",
+                self.state.step, name, sorted(scalars),
+            )  # fmt: skip
+            self.state.evals_without_improvement += 1
+        elif self.early.improved(value, self.state.best_metric):
+            self.state.best_metric, self.state.best_step = value, self.state.step
             self.state.evals_without_improvement = 0
             self.save_best()
             self.task.save_figures(metrics, self.rundir.figures)
@@ -327,23 +348,37 @@ class Loop:
 
     # ---- checkpoints -----------------------------------------------------------------------
 
-    def save_best(self) -> None:
-        def fill(directory: Path) -> None:
-            ckpt.write_weights(self.model, directory, self.cfg.model.name_or_path)
-            (directory / "config.yaml").write_text(dump_yaml(self.cfg))
+    def write_weights(self, directory: Path, model_card: bool) -> None:
+        st.write_weights(
+            self.runner.adapter, directory, self.cfg.model.name_or_path, model_card=model_card
+        )
+        (directory / "config.yaml").write_text(dump_yaml(self.cfg))
 
-        ckpt.write_atomically(self.rundir.best, fill, {"step": self.state.step})
+    def save_best(self) -> None:
+        ckpt.write_atomically(
+            self.rundir.best,
+            lambda directory: self.write_weights(directory, model_card=True),
+            {"step": self.state.step},
+        )
+
+    def fingerprint(self) -> dict[str, Any]:
+        keys = getattr(self.splits.train, "keys", None)
+        if keys is None:
+            raise TrainingError("the train dataset has no sample keys to fingerprint")
+        classes = resolved_config(self.task, self.cfg).data.classes
+        return st.fingerprint(self.runner.adapter, self.order, list(keys), classes)
 
     def save_checkpoint(self) -> Path:
         def fill(directory: Path) -> None:
-            ckpt.write_weights(self.model, directory, self.cfg.model.name_or_path)
+            self.write_weights(directory, model_card=False)
             ckpt.save_torch(self.optimizer.state_dict(), directory / "optimizer.pt")
             ckpt.save_torch(self.scheduler.state_dict(), directory / "scheduler.pt")
-            if self.precision.scaler is not None:
-                ckpt.save_torch(self.precision.scaler.state_dict(), directory / "scaler.pt")
+            scaler = self.runner.precision.scaler
+            if scaler is not None:
+                ckpt.save_torch(scaler.state_dict(), directory / "scaler.pt")
             ckpt.save_torch(ckpt.rng_state(), directory / "rng.pt")
             (directory / "train_state.json").write_text(json.dumps(asdict(self.state), indent=2))
-            (directory / "config.yaml").write_text(dump_yaml(self.cfg))
+            (directory / st.FINGERPRINT).write_text(json.dumps(self.fingerprint(), indent=2))
 
         started = time.monotonic()
         meta = {"step": self.state.step, "config_hash": config_hash(self.cfg)}
@@ -361,74 +396,53 @@ class Loop:
         return path
 
     def resume_from(self, directory: Path) -> None:
-        """Restore weights, optimizer, scheduler, scaler, RNG and the train state."""
-        changed = config_changes(load_config(directory / "config.yaml"), self.cfg)
-        breaking = sorted(set(changed) & DATA_ORDER_KEYS)
-        if breaking:
-            raise TrainingError(
-                f"cannot resume {directory} exactly: {', '.join(changed[k] for k in breaking)} "
-                "changed, and the data position depends on it; start a new run from these "
-                "weights with init_from instead"
-            )
-        for key in sorted(changed):
-            log.warning("resuming with a changed setting: %s", changed[key])
-        ckpt.load_weights(self.model, directory)
+        """Restore weights, optimizer, scheduler, scaler, RNG and the train state; apply the
+        config's optimizer settings; drop log records of the lost steps after the checkpoint."""
+        before = load_config(directory / "config.yaml")
+        st.check_resumable(directory, self.fingerprint(), before, self.cfg)
+        st.load_weights(self.runner.adapter, directory)
         self.optimizer.load_state_dict(ckpt.load_torch(directory / "optimizer.pt"))
         self.scheduler.load_state_dict(ckpt.load_torch(directory / "scheduler.pt"))
-        if self.precision.scaler is not None and (directory / "scaler.pt").is_file():
-            self.precision.scaler.load_state_dict(ckpt.load_torch(directory / "scaler.pt"))
+        st.apply_optimizer_settings(
+            self.optimizer, self.scheduler, self.cfg, st.config_changes(before, self.cfg)
+        )
+        scaler = self.runner.precision.scaler
+        if scaler is not None and (directory / "scaler.pt").is_file():
+            scaler.load_state_dict(ckpt.load_torch(directory / "scaler.pt"))
         ckpt.set_rng_state(ckpt.load_torch(directory / "rng.pt"))
         saved = TrainState(**json.loads((directory / "train_state.json").read_text()))
         saved.stop_reason = None
         self.state = saved
         self._saved_step = saved.step
+        self.reconcile_best()
         log.info(
             "resumed from %s: step %d, epoch %d, micro-batch %d of the epoch",
             directory, saved.step, saved.epoch, saved.batch_in_epoch,
         )  # fmt: skip
 
-
-DATA_ORDER_KEYS = {
-    "train.micro_batch_size",
-    "train.grad_accum_steps",
-    "train.seed",
-    "train.max_samples",
-    "train.overfit_batches",
-    "train.group_by_length",
-    "data.train",
-    "data.format",
-    "data.val_fraction",
-}
-"""Settings whose change makes a saved data position meaningless."""
-
-
-def config_changes(before: Config, after: Config) -> dict[str, str]:
-    """Dotted key -> "key (old -> new)" for every leaf setting that differs."""
-    old, new = flat_settings(before), flat_settings(after)
-    return {
-        key: f"{key} ({old.get(key)!r} -> {new.get(key)!r})"
-        for key in old.keys() | new.keys()
-        if old.get(key) != new.get(key)
-    }
-
-
-def run_evaluation(
-    cfg: Config, task: Task, model: nn.Module, dataset: Dataset, precision: Precision
-) -> Metrics:
-    """Evaluate in eval mode, without gradients, under the training precision."""
-    loader = DataLoader(
-        dataset,
-        batch_size=cfg.eval.batch_size or cfg.train.micro_batch_size,
-        collate_fn=task.collate,
-        num_workers=cfg.data.num_workers,
-    )
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), precision.autocast():
-            return task.evaluate(model, loader)
-    finally:
-        model.train(was_training)
+    def reconcile_best(self) -> None:
+        """A `best/` saved after the checkpoint belongs to a trajectory the crash lost: keep it
+        aside (never delete), and rebuild best/ from the kept checkpoint of the best step."""
+        best = self.rundir.best
+        if not best.is_dir():
+            return
+        manifest = st.read_manifest(best)
+        best_step = manifest.get("step") if manifest else None
+        if best_step is None or best_step <= self.state.step:
+            return
+        aside = best.with_name(f"best.lost-step-{best_step}")
+        best.rename(aside)
+        log.warning(
+            "best/ came from step %d, after the checkpoint at step %d (a lost trajectory): moved "
+            "it to %s",
+            best_step, self.state.step, aside,
+        )  # fmt: skip
+        if self.state.best_step is None:
+            return
+        source = self.rundir.checkpoints / f"{ckpt.STEP_PREFIX}{self.state.best_step:08d}"
+        if ckpt.is_complete(source):
+            st.copy_weights(source, best, {"step": self.state.best_step})
+            log.warning("best/ rebuilt from %s", source)
 
 
 def train_indices(num_samples: int, max_samples: int | None, seed: int) -> list[int]:

@@ -23,20 +23,22 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def resolve_precision(name: str, device: torch.device) -> str:
-    """`auto` is bf16 where the device supports it (no scaler needed), else fp32."""
+def resolve_precision(name: str, device: torch.device, model_dtype: str = "fp32") -> str:
+    """`auto` is bf16 where the device supports it (no scaler needed); else the dtype of a
+    half-precision base (its fp32 LoRA and head meet half-precision activations only under
+    autocast); else fp32."""
     if name != "auto":
         return name
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return "bf16"
-    return "fp32"
+    return model_dtype
 
 
 class Precision:
     """Autocast context plus, for fp16 only, a GradScaler whose state is checkpointed."""
 
-    def __init__(self, name: str, device: torch.device) -> None:
-        self.name = resolve_precision(name, device)
+    def __init__(self, name: str, device: torch.device, model_dtype: str = "fp32") -> None:
+        self.name = resolve_precision(name, device, model_dtype)
         self.device = device
         enabled = self.name == "fp16"
         self.scaler = torch.amp.GradScaler(device.type, enabled=enabled) if enabled else None

@@ -55,3 +55,17 @@ def build_config(inline: dict[str, Any], **kwargs: Any) -> PretrainedConfig:
 
 def _first_line(err: Exception) -> str:
     return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def enable_checkpointing(model: torch.nn.Module, key: str = "model.gradient_checkpointing") -> None:
+    """Non-reentrant activation checkpointing, without transformers' input-grad hooks.
+
+    transformers enables `enable_input_require_grads()` with checkpointing, which hooks the
+    input embedding of *every* sub-model: the frozen vision tower of a VLM then records autograd
+    and is recomputed and back-propagated for nothing. Non-reentrant checkpointing reaches
+    LoRA inside checkpointed blocks without any input requiring grad, so the hooks go.
+    """
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ConfigError([f"{key}: {type(model).__name__} does not support it"])
+    model.activation_checkpointing_enable({"use_reentrant": False})
+    model.disable_input_require_grads()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import re
 from collections import defaultdict
-from dataclasses import dataclass
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
@@ -19,6 +18,7 @@ from torch import nn
 
 from visiontune.config.schema import LoraConfig
 from visiontune.errors import ConfigError
+from visiontune.task import TrainableRow
 
 log = logging.getLogger(__name__)
 
@@ -113,14 +113,7 @@ def keep_trainable_fp32(model: nn.Module) -> nn.Module:
     return model
 
 
-@dataclass
-class TrainableRow:
-    module: str
-    trainable: int
-    total: int
-
-
-def trainable_report(model: nn.Module) -> list[TrainableRow]:
+def trainable_report(model: nn.Module, prefix: str = "") -> list[TrainableRow]:
     """Trainable vs total parameters per top-level module (PEFT wrapper prefixes removed).
 
     The frozen original PEFT keeps beside a fully trained copy (`modules_to_save`) is not the
@@ -135,7 +128,7 @@ def trainable_report(model: nn.Module) -> list[TrainableRow]:
         total[top] += param.numel()
         if param.requires_grad:
             trainable[top] += param.numel()
-    return [TrainableRow(k, trainable[k], total[k]) for k in total]
+    return [TrainableRow(prefix + k, trainable[k], total[k]) for k in total]
 
 
 def check_trainable_share(rows: list[TrainableRow], lora_enabled: bool) -> str | None:
@@ -162,3 +155,9 @@ def _strip_wrappers(name: str) -> str:
 def unwrap(model: nn.Module) -> nn.Module:
     """The underlying transformers model of a PeftModel (or the model itself)."""
     return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
+def merged(model: nn.Module) -> nn.Module:
+    """The base model with every LoRA update added into its weights (no PEFT layers left);
+    a model trained without LoRA is returned unchanged."""
+    return model.merge_and_unload() if isinstance(model, PeftModel) else model

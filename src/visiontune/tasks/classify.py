@@ -1,21 +1,19 @@
-"""Image classification: any `AutoModelForImageClassification` backbone, LoRA on its encoder,
-its head fully trained, losses from `task.loss`, metrics a clinician asks for.
+"""Image classification: any `AutoModelForImageClassification` backbone (see
+visiontune.models.classifier), losses from `task.loss`, metrics a clinician asks for.
 
-The task turns the config into datasets, a model, batches, a loss sum and metrics; it never
-sees an optimizer or a checkpoint (see visiontune.task).
+The task turns the config into datasets, batches, a loss sum and metrics; it never sees an
+optimizer, a checkpoint or a submodule of the model (see visiontune.task).
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
-from torch.utils.data import DataLoader
-from transformers import AutoModelForImageClassification
 
 from visiontune.config.schema import Config
 from visiontune.data.imagefolder import build_splits
@@ -23,14 +21,10 @@ from visiontune.data.images import ImageSpec, load_pixels, resolve_image_spec
 from visiontune.errors import ConfigError, DataError
 from visiontune.losses import class_weights, classification_loss
 from visiontune.metrics.classification import classification_metrics
-from visiontune.models.load import load_model
-from visiontune.models.lora import apply_lora, unwrap
-from visiontune.task import Batch, LossOut, Metrics, Skipped, Splits
+from visiontune.models.classifier import ClassifierAdapter
+from visiontune.task import Batch, LossOut, Metrics, Outputs, Skipped, Splits
 
 log = logging.getLogger(__name__)
-
-_HEAD_NAMES = ("classifier", "head", "fc", "score")
-
 
 class ClassifyTask:
     """Implements visiontune.task.Task for single-label image classification."""
@@ -90,40 +84,23 @@ class ClassifyTask:
         """Stack decodable samples; carry the refused ones along so the engine can count them."""
         good = [s for s in samples if not isinstance(s, Skipped)]
         skipped = [s for s in samples if isinstance(s, Skipped)]
-        if good:
-            pixels = torch.stack([s["pixel_values"] for s in good])
-        else:
-            pixels = torch.empty(0, 3, self.spec.size, self.spec.size)
+        if not good:
+            return Batch({}, [], skipped=skipped)
+        pixels = torch.stack([s["pixel_values"] for s in good])
         labels = torch.tensor([s["label"] for s in good], dtype=torch.long)
-        return Batch({"pixel_values": pixels, "labels": labels}, [s["id"] for s in good], skipped)
+        return Batch({"pixel_values": pixels}, [s["id"] for s in good], {"labels": labels}, skipped)
 
-    # --- model ------------------------------------------------------------------------------
+    # --- model, loss and evaluation ---------------------------------------------------------
 
-    def build_model(self) -> nn.Module:
+    def adapter(self) -> ClassifierAdapter:
         """The backbone with a head for our classes, LoRA on the encoder, head fully trained."""
-        classes = self.classes
-        model = load_model(
-            AutoModelForImageClassification,
-            self.cfg.model,
-            num_labels=len(classes),
-            id2label=dict(enumerate(classes)),
-            label2id={name: i for i, name in enumerate(classes)},
+        return ClassifierAdapter(self.cfg, self.classes)
+
+    def loss(self, outputs: Outputs, batch: Batch) -> LossOut:
+        labels = batch.targets["labels"]
+        per_item = classification_loss(
+            self.cfg.task.loss, outputs["logits"], labels, self._class_weight()
         )
-        if self.cfg.model.gradient_checkpointing:
-            enable_gradient_checkpointing(model)
-        lora = self.cfg.lora
-        heads = head_modules(model, required=lora.enabled and lora.modules_to_save == "auto")
-        return apply_lora(model, lora, heads)
-
-    # --- loss and evaluation ----------------------------------------------------------------
-
-    def loss(self, model: nn.Module, batch: Batch) -> LossOut:
-        labels = batch.tensors["labels"]
-        if len(labels) == 0:
-            device = next(model.parameters()).device
-            return LossOut(torch.zeros((), device=device, requires_grad=True), 0)
-        logits = model(pixel_values=batch.tensors["pixel_values"]).logits
-        per_item = classification_loss(self.cfg.task.loss, logits, labels, self._class_weight())
         return LossOut(per_item.sum(), len(labels))
 
     def _class_weight(self) -> torch.Tensor | None:
@@ -138,33 +115,9 @@ class ClassifyTask:
                 log.info("class weights: %s", dict(weights))
         return self._weight
 
-    def evaluate(self, model: nn.Module, loader: DataLoader) -> Metrics:
-        """Metrics over the whole loader, plus the mean loss; skipped samples are listed."""
-        device = next(model.parameters()).device
-        probs: list[torch.Tensor] = []
-        targets: list[torch.Tensor] = []
-        skipped: list[Skipped] = []
-        loss_sum = 0.0
-        for batch in loader:
-            skipped.extend(batch.skipped)
-            if len(batch) == 0:
-                continue
-            batch = batch.to(device)
-            logits = model(pixel_values=batch.tensors["pixel_values"]).logits.float()
-            labels = batch.tensors["labels"]
-            loss = classification_loss(self.cfg.task.loss, logits, labels, self._class_weight())
-            loss_sum += float(loss.sum())
-            probs.append(logits.softmax(dim=-1).cpu())
-            targets.append(labels.cpu())
-        if not probs:
-            raise DataError(f"evaluation found no decodable image ({len(skipped)} skipped)")
+    def meter(self) -> ClassifyMeter:
         classes = self.classes
-        metrics = classification_metrics(
-            torch.cat(probs), torch.cat(targets), classes, self._referable_index(classes)
-        )
-        metrics.scalars["loss"] = loss_sum / sum(len(t) for t in targets)
-        metrics.tables["skipped"] = [{"id": s.sample_id, "reason": s.reason} for s in skipped]
-        return metrics
+        return ClassifyMeter(self, classes, self._referable_index(classes))
 
     def save_figures(self, metrics: Metrics, out_dir: Path) -> list[Path]:
         if "confusion_matrix" not in metrics.tables:
@@ -187,84 +140,72 @@ class ClassifyTask:
 
     # --- prediction -------------------------------------------------------------------------
 
-    def predict(
-        self, model: nn.Module, inputs: list[dict[str, Any]], out_dir: Path
-    ) -> list[dict[str, Any]]:
-        """One record per input image: predicted label, its probability, all probabilities.
-
-        Class names come from the model's own id2label, i.e. the classes it was trained with.
-        An image that cannot be decoded gets a record with an `error` instead of a guess.
-        """
-        id2label = unwrap(model).config.id2label
-        names = [id2label[i] for i in range(len(id2label))]
-        device = next(model.parameters()).device
+    def prediction_batches(self, inputs: list[dict[str, Any]]) -> Iterator[Batch]:
+        """Chunks of eval batch size; an image that cannot be decoded gets a record with an
+        `error` instead of a guess."""
         step = self.cfg.eval.batch_size or self.cfg.train.micro_batch_size
-        records: list[dict[str, Any]] = []
         for start in range(0, len(inputs), step):
-            records.extend(self._predict_chunk(model, inputs[start : start + step], names, device))
+            records: list[dict[str, Any]] = []
+            pixels: list[torch.Tensor] = []
+            for item in inputs[start : start + step]:
+                image = str(item["image"])
+                records.append({"image": image, "label": None, "score": None, "probabilities": {}})
+                try:
+                    pixels.append(load_pixels(Path(image), self.spec))
+                except DataError as err:
+                    log.warning("predict: %s", err)
+                    records[-1]["error"] = str(err)
+            good = [r["image"] for r in records if "error" not in r]
+            tensors = {"pixel_values": torch.stack(pixels)} if pixels else {}
+            yield Batch(tensors, good, extras={"records": records})
+
+    def predictions(self, outputs: Outputs, batch: Batch, out_dir: Path) -> list[dict[str, Any]]:
+        """Predicted label, its probability and all probabilities, per input image."""
+        records = batch.extras["records"]
+        if not len(batch):
+            return records
+        names = self.classes
+        probs = outputs["logits"].softmax(dim=-1).cpu()
+        decoded = [r for r in records if "error" not in r]
+        for record, row in zip(decoded, probs, strict=True):
+            best = int(row.argmax())
+            record.update(
+                label=names[best],
+                score=float(row[best]),
+                probabilities={n: float(p) for n, p in zip(names, row.tolist(), strict=True)},
+            )
         return records
 
-    def _predict_chunk(
-        self, model: nn.Module, chunk: list[dict[str, Any]], names: list[str], device: torch.device
-    ) -> list[dict[str, Any]]:
-        pixels: dict[int, torch.Tensor] = {}
-        results: list[dict[str, Any]] = []
-        for i, item in enumerate(chunk):
-            image = str(item["image"])
-            results.append({"image": image, "label": None, "score": None, "probabilities": {}})
-            try:
-                pixels[i] = load_pixels(Path(image), self.spec)
-            except DataError as err:
-                log.warning("predict: %s", err)
-                results[i]["error"] = str(err)
-        if pixels:
-            stacked = torch.stack(list(pixels.values())).to(device)
-            probs = model(pixel_values=stacked).logits.float().softmax(dim=-1).cpu()
-            for i, row in zip(pixels, probs, strict=True):
-                best = int(row.argmax())
-                results[i].update(
-                    label=names[best],
-                    score=float(row[best]),
-                    probabilities={n: float(p) for n, p in zip(names, row.tolist(), strict=True)},
-                )
-        return results
 
+class ClassifyMeter:
+    """Probabilities and labels of the whole split, so QWK and AUC see every sample at once."""
 
-def head_modules(model: nn.Module, required: bool = True) -> list[str]:
-    """Names of the classification head(s) among the model's direct children.
+    def __init__(self, task: ClassifyTask, classes: list[str], referable: int | None) -> None:
+        self.task, self.classes, self.referable = task, classes, referable
+        self.probs: list[torch.Tensor] = []
+        self.targets: list[torch.Tensor] = []
+        self.skipped: list[Skipped] = []
+        self.loss_sum = 0.0
 
-    They are trained fully (PEFT `modules_to_save`): a freshly sized head has nothing to adapt.
-    """
-    heads = [
-        name
-        for name, _ in model.named_children()
-        if any(name == h or name.startswith(h) for h in _HEAD_NAMES)
-    ]
-    if required and not heads:
-        children = [name for name, _ in model.named_children()]
-        raise ConfigError(
-            [
-                f"lora.modules_to_save: no classification head found among {children}; "
-                "name the head module(s) explicitly"
-            ]
+    def update(self, outputs: Outputs, batch: Batch) -> None:
+        self.skipped.extend(batch.skipped)
+        if not len(batch):
+            return
+        loss = self.task.loss(outputs, batch)
+        self.loss_sum += float(loss.loss_sum)
+        self.probs.append(outputs["logits"].softmax(dim=-1).cpu())
+        self.targets.append(batch.targets["labels"].cpu())
+
+    def compute(self) -> Metrics:
+        if not self.probs:
+            raise DataError(f"evaluation found no decodable image ({len(self.skipped)} skipped)")
+        targets = torch.cat(self.targets)
+        metrics = classification_metrics(
+            torch.cat(self.probs), targets, self.classes, self.referable
         )
-    return heads
-
-
-def enable_gradient_checkpointing(model: nn.Module) -> None:
-    """Recompute activations in the backward pass (`model.gradient_checkpointing`).
-
-    Non-reentrant checkpointing back-propagates into checkpointed blocks even when their
-    inputs do not require grad; the input-embedding hook additionally makes the frozen patch
-    embedding's output require grad, which LoRA under a frozen base needs with reentrant
-    checkpointing (what some remote-code models still force).
-    """
-    if not getattr(model, "supports_gradient_checkpointing", False):
-        raise ConfigError(
-            [f"model.gradient_checkpointing: {type(model).__name__} does not support it"]
-        )
-    model.activation_checkpointing_enable({"use_reentrant": False})
-    model.enable_input_require_grads()
+        metrics.scalars["loss"] = self.loss_sum / len(targets)
+        metrics.tables["skipped"] = [{"id": s.sample_id, "reason": s.reason} for s in self.skipped]
+        return metrics
 
 
 def save_confusion_matrix(matrix: list[list[int]], classes: list[str], path: Path) -> None:

@@ -48,6 +48,11 @@ class GroundDataset(Dataset):
         return len(self.samples)
 
     @property
+    def keys(self) -> list[str]:
+        """Sample id and rendered conversation per sample: what a data position refers to."""
+        return [f"{s.sample_id}\t{s.text}" for s in self.samples]
+
+    @property
     def lengths(self) -> list[int]:
         """Token counts after image expansion, for batching samples of similar length."""
         return [s.length for s in self.samples]

@@ -1,0 +1,101 @@
+"""One owner of device and precision for training, evaluation and prediction.
+
+Every call into the model goes through `Runner.forward` (or `Runner.generate`), under the one
+autocast policy the config resolves to. So `predict` of a bf16-base run computes exactly what
+`eval` computes, and a distributed wrapper inserted around the adapter sees every forward.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from visiontune.config.schema import Config
+from visiontune.engine.precision import Precision, resolve_device
+from visiontune.task import Batch, Metrics, ModelAdapter, Outputs, Task
+
+
+class Runner:
+    """The adapter on its device, with the precision policy, for train, eval and predict."""
+
+    def __init__(self, cfg: Config, adapter: ModelAdapter) -> None:
+        self.cfg = cfg
+        self.device = resolve_device(cfg.train.device)
+        self.adapter = adapter.to(self.device)
+        self.model: nn.Module = self.adapter
+        """What forward calls: the adapter, or a distributed wrapper around it."""
+        self.precision = Precision(cfg.precision, self.device, cfg.model.dtype)
+        self.precision.check_trainables(self.adapter)
+
+    def forward(self, batch: Batch) -> Outputs:
+        """The adapter's forward under autocast (gradients as the caller's context says)."""
+        with self.precision.autocast():
+            return self.model(**batch.inputs) if batch.inputs else {}
+
+    def generate(self, inputs: dict[str, Any]) -> torch.Tensor:
+        """Generation runs on the unwrapped adapter: a DDP wrapper has no `generate`."""
+        moved = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in inputs.items()}
+        with torch.no_grad(), self.precision.autocast():
+            return self.adapter.generate(**moved)
+
+    def infer(self, task: Task, batch: Batch) -> Outputs:
+        """Forward (and generation, for generative tasks) of one batch without gradients."""
+        batch = batch.to(self.device)
+        with torch.no_grad():
+            outputs = dict(self.forward(batch))
+        hook = getattr(task, "generation_inputs", None)
+        generation = hook(batch) if callable(hook) else None
+        if generation is not None:
+            outputs["generated"] = self.generate(generation)
+        return outputs
+
+    def train_mode(self) -> None:
+        """Train mode, except running-statistics norms of frozen parts (BatchNorm of a frozen
+        CNN backbone): updating them at micro-batch size 2 drifts a base nobody trains."""
+        self.model.train()
+        for module in self.model.modules():
+            if isinstance(module, nn.modules.batchnorm._NormBase) and not any(
+                p.requires_grad for p in module.parameters()
+            ):
+                module.eval()
+
+    def evaluate(self, task: Task, dataset: Dataset) -> Metrics:
+        """The task's metrics over a whole split, in eval mode, without gradients.
+
+        The loader gets its own generator: creating its iterator would otherwise draw from the
+        global RNG, and the evaluation cadence would change the training trajectory.
+        """
+        loader = DataLoader(
+            dataset,
+            batch_size=self.cfg.eval.batch_size or self.cfg.train.micro_batch_size,
+            collate_fn=task.collate,
+            num_workers=self.cfg.data.num_workers,
+            generator=torch.Generator(),
+        )
+        was_training = self.model.training
+        self.model.eval()
+        meter = task.meter()
+        try:
+            for batch in loader:
+                outputs = self.infer(task, batch) if len(batch) else {}
+                meter.update(outputs, batch)
+            return meter.compute()
+        finally:
+            if was_training:
+                self.train_mode()
+
+    def predict(
+        self, task: Task, inputs: list[dict[str, Any]], out_dir: Path
+    ) -> list[dict[str, Any]]:
+        """One record per input, in input order; pictures under out_dir."""
+        self.model.eval()
+        out_dir.mkdir(parents=True, exist_ok=True)
+        records: list[dict[str, Any]] = []
+        for batch in task.prediction_batches(inputs):
+            outputs = self.infer(task, batch) if len(batch) else {}
+            records.extend(task.predictions(outputs, batch, out_dir))
+        return records
