@@ -14,7 +14,6 @@ hard-coded 255 is only right for its own 256-token image placeholder.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -35,13 +34,15 @@ from transformers.models.auto.modeling_auto import (
 )
 
 from visiontune.config.base import LoraConfig, ModelConfig
+from visiontune.config.schema import Config
 from visiontune.config.tasks import TextModelConfig, VisionTowerConfig
 from visiontune.data.images import ImageSpec
 from visiontune.errors import ConfigError
-from visiontune.models import sam as sam_parts
 from visiontune.models.load import DTYPES, build_config, load_model
 from visiontune.models.lora import keep_trainable_fp32, resolve_targets, unwrap
-from visiontune.models.queries import SEG_TOKEN
+from visiontune.models.queries import SEG_TOKEN, QueryEncoder
+from visiontune.models.sam import SamAdapter
+from visiontune.task import ModelAdapter, Outputs, TrainableRow
 
 log = logging.getLogger(__name__)
 
@@ -179,56 +180,55 @@ def mlp(in_dim: int, hidden: int, out_dim: int, activation: type[nn.Module]) -> 
     return nn.Sequential(nn.Linear(in_dim, hidden), activation(), nn.Linear(hidden, out_dim))
 
 
-@dataclass
-class TextSegOutput:
-    mask_logits: torch.Tensor  # (B, 4h, 4w) low-resolution logits
-    lm_loss: torch.Tensor | None  # (B,) mean answer-token cross-entropy per query
-    visual_tokens: int
+class TextSegAdapter(ModelAdapter):
+    """SAM + a text model (+ an optional vision tower + projector); `forward` runs the chain.
 
-
-class TextPromptedSegmenter(nn.Module):
-    """SAM + a text model (+ an optional vision tower); `forward` runs the whole chain.
-
-    Keeping the chain in `forward` (rather than in the task) lets a DDP wrapper see every
-    trainable parameter used in one call.
+    `forward(input_ids, attention_mask, seg_index, pixel_values, labels=None,
+    clip_pixel_values=None, cache_keys=None) -> {"mask_logits": fp32 (B, S, S) full-frame,
+    "lm_loss": (B,) mean answer-token cross-entropy or absent}`, one query per image.
     """
 
-    def __init__(
-        self,
-        sam: nn.Module,
-        text_model: nn.Module,
-        kind: str,
-        visual_insert_at: int,
-        vision_tower: nn.Module | None = None,
-        projector_dim: int | None = None,
-    ) -> None:
+    def __init__(self, cfg: Config, queries: QueryEncoder) -> None:
         super().__init__()
-        self.sam = sam
-        self.text_model = text_model
-        self.vision_tower = vision_tower
-        self.is_causal = kind == "causal_lm"
-        self.visual_insert_at = visual_insert_at
-        width = unwrap(text_model).config.hidden_size
-        prompt_dim = sam_parts.core(sam).config.prompt_encoder_config.hidden_size
-        self.seg_projector = mlp(width, projector_dim or width, prompt_dim, nn.ReLU)
-        self.vision_projector = None
-        if vision_tower is not None:
-            vision_width = unwrap(vision_tower).config.hidden_size
-            self.vision_projector = mlp(vision_width, width, width, nn.GELU)
+        options = cfg.task
+        tcfg, vcfg = options.text_model, options.vision_tower
+        assert tcfg is not None
+        self.sam = SamAdapter(cfg, options.sam, options.cache, options.cache_dir)
+        self.base_model_id = cfg.model.name_or_path
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.train.seed)
+            text_model, kind = load_text_model(tcfg, queries.tokenizer)
+            self.text_model = apply_component_lora(
+                text_model, tcfg.train, tcfg.lora, "task.text_model", [queries.seg_id]
+            )
+            self.vision_tower = None
+            if vcfg is not None:
+                tower = load_vision_tower(vcfg)
+                self.vision_tower = apply_component_lora(
+                    tower, vcfg.train, vcfg.lora, "task.vision_tower"
+                )
+            self.is_causal = kind == "causal_lm"
+            self.visual_insert_at = len(queries.prefix)
+            width = unwrap(self.text_model).config.hidden_size
+            prompt_dim = self.sam.sam.config.prompt_encoder_config.hidden_size
+            hidden = options.seg_projector_dim or width
+            self.seg_projector = mlp(width, hidden, prompt_dim, nn.ReLU)
+            self.vision_projector = None
+            if self.vision_tower is not None:
+                vision_width = unwrap(self.vision_tower).config.hidden_size
+                self.vision_projector = mlp(vision_width, width, width, nn.GELU)
 
     def forward(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         seg_index: torch.Tensor,
+        pixel_values: torch.Tensor,
         labels: torch.Tensor | None = None,
         clip_pixel_values: torch.Tensor | None = None,
-        pixel_values: torch.Tensor | None = None,
-        image_embeddings: torch.Tensor | None = None,
-    ) -> TextSegOutput:
-        if image_embeddings is None:
-            assert pixel_values is not None, "pass pixel_values or cached image_embeddings"
-            image_embeddings = sam_parts.image_embeddings(self.sam, pixel_values)
+        cache_keys: list[str] | None = None,
+    ) -> Outputs:
+        image_embeddings = self.sam.image_embeddings(pixel_values, cache_keys)
         hidden, labels, attention_mask, visual = self._text_states(
             input_ids, attention_mask, labels, clip_pixel_values
         )
@@ -237,16 +237,13 @@ class TextPromptedSegmenter(nn.Module):
         seg_hidden = hidden[rows, position]
         prompt = self.seg_projector(seg_hidden.to(self.seg_projector[0].weight.dtype))
         count = image_embeddings.shape[0]
-        masks = sam_parts.decode_masks(
-            self.sam,
-            image_embeddings,
-            prompt[:, None, None, :],
-            sam_parts.no_mask_dense(self.sam, count),
+        masks = self.sam.decode(
+            image_embeddings, prompt[:, None, None, :], self.sam.no_mask_dense(count)
         )
-        lm_loss = (
-            self._answer_loss(hidden, labels) if self.is_causal and labels is not None else None
-        )
-        return TextSegOutput(masks, lm_loss, visual)
+        outputs: Outputs = {"mask_logits": self.sam.upscale(masks), "visual_tokens": visual}
+        if self.is_causal and labels is not None:
+            outputs["lm_loss"] = self._answer_loss(hidden, labels)
+        return outputs
 
     def _text_states(
         self,
@@ -303,22 +300,21 @@ class TextPromptedSegmenter(nn.Module):
         counts = chosen.sum(1).clamp(min=1)
         return sums / counts
 
-
-def component_rows(model: TextPromptedSegmenter) -> list[tuple[str, int, int]]:
-    """(component, trainable, total) per component, SAM split into its three parts."""
-    rows = sam_parts.component_rows(model.sam)
-    parts: dict[str, nn.Module | None] = {
-        "text_model": model.text_model,
-        "vision_tower": model.vision_tower,
-        "vision_projector": model.vision_projector,
-        "seg_projector": model.seg_projector,
-    }
-    for name, module in parts.items():
-        if module is not None:
-            params = list(module.parameters())
-            trainable = sum(p.numel() for p in params if p.requires_grad)
-            rows.append((name, trainable, sum(p.numel() for p in params)))
-    return rows
+    def trainable_rows(self) -> list[TrainableRow]:
+        """SAM split into its three parts, then the text side component by component."""
+        rows = self.sam.trainable_rows()
+        parts: dict[str, nn.Module | None] = {
+            "text_model": self.text_model,
+            "vision_tower": self.vision_tower,
+            "vision_projector": self.vision_projector,
+            "seg_projector": self.seg_projector,
+        }
+        for name, module in parts.items():
+            if module is not None:
+                params = list(module.parameters())
+                trainable = sum(p.numel() for p in params if p.requires_grad)
+                rows.append(TrainableRow(name, trainable, sum(p.numel() for p in params)))
+        return rows
 
 
 def vision_image_spec(vcfg: VisionTowerConfig) -> ImageSpec:

@@ -26,6 +26,7 @@ from visiontune.task import Batch, LossOut, Metrics, Outputs, Skipped, Splits
 
 log = logging.getLogger(__name__)
 
+
 class ClassifyTask:
     """Implements visiontune.task.Task for single-label image classification."""
 

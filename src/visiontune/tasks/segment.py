@@ -1,15 +1,15 @@
 """Segmentation: SAM with LoRA, prompted by nothing, ground-truth boxes/points, or text.
 
-The task reads labelme/ReasonSeg, COCO or mask-folder data into SAM's frame, builds SAM (plus
-a text model and optional vision tower for text prompts), and turns batches into a per-mask
-loss sum. Losses are computed at the full frame, metrics at each image's original resolution
-(logits cropped to the unpadded part and resized back, as SAM's post-processing does).
-It never sees an optimizer or a checkpoint (see visiontune.task).
+The task reads labelme/ReasonSeg, COCO or mask-folder data into SAM's frame, picks the model
+adapter (SAM, or SAM plus a text model for text prompts: visiontune.models.sam and .text_seg)
+and turns its full-frame mask logits into a per-mask loss sum. Losses are computed at the
+full frame, metrics at each image's original resolution (logits cropped to the unpadded part
+and resized back, as SAM's post-processing does). It never sees an optimizer, a checkpoint or
+a submodule of the model (see visiontune.task).
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,21 +17,20 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-from torch.utils.data import DataLoader
 
 from visiontune.config.schema import Config, SegmentTaskConfig
-from visiontune.data.cache import FrozenFeatureCache, image_key, trunk_fingerprint
+from visiontune.data.cache import image_key
 from visiontune.data.images import ImageSpec, decode_image, normalise, to_unit_tensor
 from visiontune.data.segment_splits import build_splits
 from visiontune.data.segmentation import IGNORE, TARGET, Frame
 from visiontune.errors import ConfigError, VisiontuneError
 from visiontune.losses import mask_bce, mask_dice, mask_focal
 from visiontune.metrics.segmentation import SegmentationMeter
-from visiontune.models import sam as sam_parts
 from visiontune.models import text_seg
 from visiontune.models.queries import QueryEncoder
-from visiontune.task import Batch, LossOut, Metrics, Skipped, Splits
+from visiontune.models.sam import IMAGENET_MEAN, IMAGENET_STD, SamAdapter
+from visiontune.models.text_seg import TextSegAdapter
+from visiontune.task import Batch, LossOut, Metrics, ModelAdapter, Outputs, Skipped, Splits
 from visiontune.tasks.segment_pictures import Example, examples_figure, overlay, save_mask
 
 log = logging.getLogger(__name__)
@@ -55,10 +54,9 @@ class SegmentTask:
         self.opts = cfg.task
         self.frame = self._frame()
         self.signature = f"{self.frame.size}|{self.frame.mean}|{self.frame.std}|bilinear"
-        self.cache: FrozenFeatureCache | None = None
         self._splits: Splits | None = None
         self._queries: QueryEncoder | None = None
-        self._examples: list[Example] = []
+        self.examples: list[Example] = []
         self._clip: ImageSpec | None = None
 
     # --- data -------------------------------------------------------------------------------
@@ -73,7 +71,7 @@ class SegmentTask:
             raise ConfigError(
                 [f"data.preprocess.size: SAM's position embedding fixes its input at {size}px"]
             )
-        return Frame(size, pre.mean or sam_parts.IMAGENET_MEAN, pre.std or sam_parts.IMAGENET_STD)
+        return Frame(size, pre.mean or IMAGENET_MEAN, pre.std or IMAGENET_STD)
 
     def datasets(self) -> Splits:
         if self._splits is None:
@@ -108,23 +106,29 @@ class SegmentTask:
         good = [s for s in samples if not isinstance(s, Skipped)]
         skipped = [s for s in samples if isinstance(s, Skipped)]
         if not good:
-            return Batch({}, [], skipped)
+            return Batch({}, [], skipped=skipped)
         owners = [b for b, s in enumerate(good) for _ in range(len(s["masks"]))]
-        tensors = {
+        paths = [s["image_path"] for s in good]
+        augmented = any(s["augmented"] for s in good)
+        inputs: dict[str, Any] = {
             "pixel_values": torch.stack([s["pixel_values"] for s in good]),
+            "cache_keys": None if augmented else [image_key(p, self.signature) for p in paths],
+        }
+        if self.opts.prompt == "text":
+            texts = [s.get("text", "") for s in good]
+            inputs.update(self.queries.encode(texts, [s["id"] for s in good]))
+        else:
+            inputs["mask_image"] = torch.tensor(owners, dtype=torch.long)
+        for name in ("boxes", "points"):
+            if name in good[0]:
+                inputs[name] = torch.cat([s[name] for s in good])
+        if "clip_pixel_values" in good[0]:
+            inputs["clip_pixel_values"] = torch.stack([s["clip_pixel_values"] for s in good])
+        targets = {
             "masks": torch.cat([s["masks"] for s in good]),
             "mask_image": torch.tensor(owners, dtype=torch.long),
             "valid_hw": torch.tensor([list(s["valid_hw"]) for s in good], dtype=torch.long),
         }
-        for name in ("boxes", "points"):
-            if name in good[0]:
-                tensors[name] = torch.cat([s[name] for s in good])
-        if "clip_pixel_values" in good[0]:
-            tensors["clip_pixel_values"] = torch.stack([s["clip_pixel_values"] for s in good])
-        ids = [s["id"] for s in good]
-        texts = [s.get("text", "") for s in good]
-        if self.opts.prompt == "text":
-            tensors.update(self.queries.encode(texts, ids))
         per_instance = self.opts.instances == "per_instance"
         extras = {
             "eval_masks": [m for s in good for m in s["eval_masks"]],
@@ -133,80 +137,24 @@ class SegmentTask:
                 for s in good
                 for k in range(len(s["masks"]))
             ],
-            "texts": [texts[b] for b in owners],
-            "image_paths": [s["image_path"] for s in good],
-            "augmented": any(s["augmented"] for s in good),
+            "texts": [s.get("text", "") for s in good for _ in range(len(s["masks"]))],
+            "image_paths": paths,
         }
-        return Batch(tensors, ids, skipped, extras)
+        return Batch(inputs, [s["id"] for s in good], targets, skipped, extras)
 
-    # --- model ------------------------------------------------------------------------------
+    # --- model and loss ---------------------------------------------------------------------
 
-    def build_model(self) -> nn.Module:
-        """SAM (+ text side) with LoRA as configured; random inits seeded by train.seed so
-        that eval and predict rebuild exactly the frozen weights training saw."""
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.cfg.train.seed)
-            sam = sam_parts.load_sam(self.cfg)
-            if self.cfg.model.gradient_checkpointing:
-                sam.gradient_checkpointing_enable()
-            sam = sam_parts.apply_sam_lora(sam, self.cfg.lora, self.opts.sam)
-            model = self._text_segmenter(sam) if self.opts.prompt == "text" else sam
-        self._setup_cache(sam)
-        rows = (
-            text_seg.component_rows(model)
-            if isinstance(model, text_seg.TextPromptedSegmenter)
-            else sam_parts.component_rows(model)
-        )
-        for name, trainable, total in rows:
-            log.info("  %-24s %12d / %12d trainable", name, trainable, total)
-        return model
+    def adapter(self) -> ModelAdapter:
+        """SAM (+ text side) with LoRA as configured."""
+        opts = self.opts
+        if opts.prompt == "text":
+            return TextSegAdapter(self.cfg, self.queries)
+        return SamAdapter(self.cfg, opts.sam, opts.cache, opts.cache_dir)
 
-    def _text_segmenter(self, sam: nn.Module) -> text_seg.TextPromptedSegmenter:
-        tcfg, vcfg, queries = self.opts.text_model, self.opts.vision_tower, self.queries
-        assert tcfg is not None
-        text_model, kind = text_seg.load_text_model(tcfg, queries.tokenizer)
-        text_model = text_seg.apply_component_lora(
-            text_model, tcfg.train, tcfg.lora, "task.text_model", [queries.seg_id]
-        )
-        tower = None
-        if vcfg is not None:
-            tower = text_seg.apply_component_lora(
-                text_seg.load_vision_tower(vcfg), vcfg.train, vcfg.lora, "task.vision_tower"
-            )
-        return text_seg.TextPromptedSegmenter(
-            sam, text_model, kind, len(queries.prefix), tower, self.opts.seg_projector_dim
-        )
-
-    def _setup_cache(self, sam: nn.Module) -> None:
-        """Cache SAM image embeddings when the encoder is frozen (see data/cache.py)."""
-        mode = self.opts.cache
-        if mode == "off":
-            return
-        if sam_parts.encoder_trainable(sam):
-            if mode != "auto":
-                raise ConfigError(
-                    [f"task.cache: {mode} needs a frozen SAM image encoder (lora_on has it)"]
-                )
-            return
-        directory = None
-        fingerprint = ""
-        if mode == "disk":
-            directory = self.opts.cache_dir
-            encoder = sam_parts.core(sam).vision_encoder
-            signature = hashlib.sha256(self.signature.encode()).hexdigest()[:8]
-            fingerprint = f"{trunk_fingerprint(encoder)}-{signature}"
-        self.cache = FrozenFeatureCache(directory, fingerprint)
-        log.info("SAM image encoder frozen: caching its embeddings (%s)", mode)
-
-    # --- loss -------------------------------------------------------------------------------
-
-    def loss(self, model: nn.Module, batch: Batch) -> LossOut:
+    def loss(self, outputs: Outputs, batch: Batch) -> LossOut:
         """Sum over masks of mask_weight * BCE|focal + dice_weight * Dice (+ lm_weight * CE)."""
-        if not batch.ids:
-            device = next(model.parameters()).device
-            return LossOut(torch.zeros((), device=device, requires_grad=True), 0)
-        logits, lm_loss = self._forward(model, batch)
-        target = batch.tensors["masks"]
+        logits = outputs["mask_logits"]
+        target = batch.targets["masks"]
         valid = self._valid(batch)
         if self.opts.loss.ignore_in_loss == "exclude":
             valid = valid & (target != IGNORE)
@@ -218,138 +166,82 @@ class SegmentTask:
             mask_term = mask_bce(logits, truth, valid)
         dice = mask_dice(logits, truth, valid)
         per_mask = spec.mask_weight * mask_term + spec.dice_weight * dice
-        parts = {
-            "mask_loss": float(mask_term.detach().mean()),
-            "dice_loss": float(dice.detach().mean()),
-        }
+        parts = {"mask_loss": mask_term.detach().sum(), "dice_loss": dice.detach().sum()}
+        lm_loss = outputs.get("lm_loss")
         if lm_loss is not None:
             per_mask = per_mask + spec.lm_weight * lm_loss
-            parts["lm_loss"] = float(lm_loss.detach().mean())
+            parts["lm_loss"] = lm_loss.detach().sum()
         return LossOut(per_mask.sum(), int(per_mask.shape[0]), parts)
 
     def _valid(self, batch: Batch) -> torch.Tensor:
         """(M, S, S): the unpadded part of each mask's image."""
-        hw = batch.tensors["valid_hw"][batch.tensors["mask_image"]]
+        hw = batch.targets["valid_hw"][batch.targets["mask_image"]]
         line = torch.arange(self.frame.size, device=hw.device)
         rows = line[None, :, None] < hw[:, 0, None, None]
         cols = line[None, None, :] < hw[:, 1, None, None]
         return rows & cols
 
-    def _forward(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Full-frame mask logits (M, S, S) and the per-query answer loss (text prompts)."""
-        t = batch.tensors
-        if isinstance(model, text_seg.TextPromptedSegmenter):
-            cached = self._cached_embeddings(model.sam, batch)
-            out = model(
-                input_ids=t["input_ids"],
-                attention_mask=t["attention_mask"],
-                seg_index=t["seg_index"],
-                labels=t.get("labels"),
-                clip_pixel_values=t.get("clip_pixel_values"),
-                pixel_values=t["pixel_values"] if cached is None else None,
-                image_embeddings=cached,
-            )
-            return sam_parts.upscale(out.mask_logits, self.frame.size), out.lm_loss
-        embeddings = self._cached_embeddings(model, batch)
-        if embeddings is None:
-            embeddings = sam_parts.image_embeddings(model, t["pixel_values"])
-        embeddings = embeddings[t["mask_image"]]
-        sparse, dense = sam_parts.prompt_embeddings(
-            model, embeddings.shape[0], t.get("boxes"), t.get("points")
-        )
-        low = sam_parts.decode_masks(model, embeddings, sparse, dense)
-        return sam_parts.upscale(low, self.frame.size), None
-
-    def _cached_embeddings(self, sam: nn.Module, batch: Batch) -> torch.Tensor | None:
-        if self.cache is None or batch.extras.get("augmented", False):
-            return None
-        pixels = batch.tensors["pixel_values"]
-        keys = [image_key(p, self.signature) for p in batch.extras["image_paths"]]
-        return self.cache.lookup(
-            keys, lambda rows: sam_parts.image_embeddings(sam, pixels[rows]), pixels.device
-        )
-
     # --- evaluation and prediction ----------------------------------------------------------
 
-    def evaluate(self, model: nn.Module, loader: DataLoader) -> Metrics:
-        meter = SegmentationMeter(self.opts.boundary_tolerance)
-        device = next(model.parameters()).device
-        self._examples, skipped = [], 0
-        for batch in loader:
-            for refused in batch.skipped:
-                log.warning("eval: skipped sample %s: %s", refused.sample_id, refused.reason)
-            skipped += len(batch.skipped)
-            if not batch.ids:
-                continue
-            logits, _ = self._forward(model, batch.to(device))
-            sizes = [tuple(m.shape) for m in batch.extras["eval_masks"]]
-            for m, pred in enumerate(self._to_original(logits, batch, sizes)):
-                truth = batch.extras["eval_masks"][m]
-                score = meter.update(pred, truth, batch.extras["mask_ids"][m])
-                if len(self._examples) < self.opts.figures:
-                    image = batch.extras["image_paths"][int(batch.tensors["mask_image"][m])]
-                    text = batch.extras["texts"][m]
-                    self._examples.append(
-                        Example(image, text, pred.numpy(), truth.numpy(), score.iou)
-                    )
-        scalars = meter.compute()
-        scalars["skipped"] = float(skipped)
-        return Metrics(scalars, {"per_mask": meter.per_mask()})
+    def meter(self) -> SegmentMeter:
+        self.examples = []
+        return SegmentMeter(self)
 
-    def _to_original(
+    def to_original(
         self, logits: torch.Tensor, batch: Batch, sizes: list[tuple[int, int]]
     ) -> Iterator[torch.Tensor]:
         """Binary masks at each target's size: crop the unpadded frame, resize, threshold."""
-        hw = batch.tensors["valid_hw"].tolist()
-        owners = batch.tensors["mask_image"].tolist()
+        hw = batch.targets["valid_hw"].tolist()
+        owners = batch.targets["mask_image"].tolist()
         for m, logit in enumerate(logits):
             h, w = hw[owners[m]]
-            crop = logit[None, None, :h, :w].float()
+            crop = logit[None, None, :h, :w]
             full = F.interpolate(crop, size=sizes[m], mode="bilinear", align_corners=False)
             yield (full[0, 0] > self.opts.mask_threshold).cpu()
 
     def save_figures(self, metrics: Metrics, out_dir: Path) -> list[Path]:
-        if not self._examples:
+        if not self.examples:
             return []
         out_dir.mkdir(parents=True, exist_ok=True)
-        return [examples_figure(self._examples, out_dir / "segment_examples.png")]
+        return [examples_figure(self.examples, out_dir / "segment_examples.png")]
 
-    def predict(
-        self, model: nn.Module, inputs: list[dict[str, Any]], out_dir: Path
-    ) -> list[dict[str, Any]]:
-        """Per input a mask PNG (255 = object) and an overlay PNG; prompts as configured:
-        `text` for text prompts, `box` [x1, y1, x2, y2] or `points` [[x, y], ...] in image
-        pixels for box/point prompts."""
-        device = next(model.parameters()).device
-        out_dir.mkdir(parents=True, exist_ok=True)
-        records = []
+    def prediction_batches(self, inputs: list[dict[str, Any]]) -> Iterator[Batch]:
+        """One batch per input image, prompted as configured (see `_predict_batch`)."""
         for index, item in enumerate(inputs):
-            batch, image = self._predict_batch(item)
-            logits, _ = self._forward(model, batch.to(device))
-            mask = next(self._to_original(logits, batch, [(image.height, image.width)])).numpy()
-            stem = f"{index:03d}_{Path(item['image']).stem}"
-            mask_path = save_mask(mask, out_dir / f"{stem}_mask.png")
-            overlay_path = out_dir / f"{stem}_overlay.png"
-            overlay(image, mask).save(overlay_path)
-            records.append(
-                {
-                    "image": str(item["image"]),
-                    "text": item.get("text"),
-                    "mask": str(mask_path),
-                    "overlay": str(overlay_path),
-                    "foreground_pixels": int(mask.sum()),
-                    "foreground_fraction": float(mask.mean()),
-                }
-            )
-        return records
+            yield self._predict_batch(index, item)
 
-    def _predict_batch(self, item: dict[str, Any]) -> tuple[Batch, Any]:
+    def predictions(self, outputs: Outputs, batch: Batch, out_dir: Path) -> list[dict[str, Any]]:
+        """Per input a mask PNG (255 = object) and an overlay PNG."""
+        item, image = batch.extras["item"], batch.extras["image"]
+        sizes = [(image.height, image.width)]
+        mask = next(self.to_original(outputs["mask_logits"], batch, sizes)).numpy()
+        stem = f"{batch.extras['index']:03d}_{Path(item['image']).stem}"
+        mask_path = save_mask(mask, out_dir / f"{stem}_mask.png")
+        overlay_path = out_dir / f"{stem}_overlay.png"
+        overlay(image, mask).save(overlay_path)
+        return [
+            {
+                "image": str(item["image"]),
+                "text": item.get("text"),
+                "mask": str(mask_path),
+                "overlay": str(overlay_path),
+                "foreground_pixels": int(mask.sum()),
+                "foreground_fraction": float(mask.mean()),
+            }
+        ]
+
+    def _predict_batch(self, index: int, item: dict[str, Any]) -> Batch:
+        """`text` for text prompts, `box` [x1, y1, x2, y2] or `points` [[x, y], ...] in image
+        pixels for box/point prompts."""
         path = Path(item["image"])
         image = decode_image(path)
         unit = self.frame.unit_image(image)
         scale = unit.shape[-1] / image.width
-        tensors = {
-            "pixel_values": self.frame.pad(self.frame.normalise(unit))[None],
+        pixels = self.frame.pad(self.frame.normalise(unit))[None]
+        tensors: dict[str, Any] = {"pixel_values": pixels}
+        if self.opts.prompt != "text":
+            tensors["mask_image"] = torch.zeros(1, dtype=torch.long)
+        targets = {
             "mask_image": torch.zeros(1, dtype=torch.long),
             "valid_hw": torch.tensor([list(unit.shape[-2:])]),
         }
@@ -375,5 +267,36 @@ class SegmentTask:
         spec = self._clip_spec()
         if spec is not None:
             tensors["clip_pixel_values"] = normalise(to_unit_tensor(image, spec), spec)[None]
-        extras = {"image_paths": [str(path)], "augmented": False}
-        return Batch(tensors, [str(path)], [], extras), image
+        extras = {"item": item, "image": image, "index": index}
+        return Batch(tensors, [str(path)], targets, extras=extras)
+
+
+class SegmentMeter:
+    """gIoU/cIoU over the split at each mask's original resolution, plus example pictures."""
+
+    def __init__(self, task: SegmentTask) -> None:
+        self.task = task
+        self.scores = SegmentationMeter(task.opts.boundary_tolerance)
+        self.skipped = 0
+
+    def update(self, outputs: Outputs, batch: Batch) -> None:
+        for refused in batch.skipped:
+            log.warning("eval: skipped sample %s: %s", refused.sample_id, refused.reason)
+        self.skipped += len(batch.skipped)
+        if not len(batch):
+            return
+        task, extras = self.task, batch.extras
+        sizes = [tuple(m.shape) for m in extras["eval_masks"]]
+        owners = batch.targets["mask_image"].tolist()
+        for m, pred in enumerate(task.to_original(outputs["mask_logits"], batch, sizes)):
+            truth = extras["eval_masks"][m]
+            score = self.scores.update(pred, truth, extras["mask_ids"][m])
+            if len(task.examples) < task.opts.figures:
+                image = extras["image_paths"][owners[m]]
+                example = Example(image, extras["texts"][m], pred.numpy(), truth.numpy(), score.iou)
+                task.examples.append(example)
+
+    def compute(self) -> Metrics:
+        scalars = self.scores.compute()
+        scalars["skipped"] = float(self.skipped)
+        return Metrics(scalars, {"per_mask": self.scores.per_mask()})
