@@ -188,7 +188,12 @@ class ScheduleConfig(Section):
 
 
 class CheckpointConfig(Section):
-    every_steps: int | None = Field(default=None, ge=1)
+    every_steps: int | None = Field(
+        default=500,
+        ge=1,
+        description="Optimizer steps between checkpoints (null: only at the end and on a stop "
+        "signal, so a crash loses the whole run).",
+    )
     keep_last: int = Field(default=2, ge=1)
     keep_best: bool = True
 
@@ -197,7 +202,9 @@ class EvalConfig(Section):
     every_steps: int | None = Field(default=None, ge=1)
     split: Literal["val", "test"] = "val"
     metric: str = "accuracy"
-    mode: Literal["max", "min"] = "max"
+    mode: Literal["max", "min"] = Field(
+        default="max", description="Inferred as min for loss and distance metrics unless set."
+    )
     patience: int | None = Field(
         default=None, ge=1, description="Evaluations without improvement before stopping."
     )
@@ -234,7 +241,9 @@ class Config(Section):
     optim: OptimConfig = OptimConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        default="fp32", description="Autocast dtype; `auto` picks bf16 where supported."
+        default="auto",
+        description="Autocast dtype; `auto` picks bf16 where the GPU supports it, else the "
+        "dtype of a half-precision base (model.dtype), else fp32.",
     )
     checkpoint: CheckpointConfig = CheckpointConfig()
     eval: EvalConfig = EvalConfig()
@@ -264,6 +273,34 @@ class Config(Section):
         default = getattr(self.task, "default_metric", None)
         if default is not None and "metric" not in self.eval.model_fields_set:
             self.eval.metric = default
+        return self
+
+    @model_validator(mode="after")
+    def _eval_mode(self) -> Config:
+        """Lower is better for a loss or a distance: select on min unless the user said."""
+        if "mode" not in self.eval.model_fields_set:
+            lower_is_better = self.eval.metric.split(".")[-1].startswith(("loss", "distance"))
+            self.eval.mode = "min" if lower_is_better else "max"
+        return self
+
+    @model_validator(mode="after")
+    def _precision_fits_base(self) -> Config:
+        """An fp32 LoRA and head meet half-precision activations of the base only under
+        autocast: without it the first matmul fails on mixed dtypes."""
+        if self.precision == "fp32" and self.model.dtype != "fp32":
+            raise ValueError(
+                f"precision: fp32 cannot run a model.dtype: {self.model.dtype} base (the fp32 "
+                f"adapters would meet {self.model.dtype} activations); use precision: auto or "
+                f"{self.model.dtype}, or model.dtype: fp32"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _patience_needs_evaluations(self) -> Config:
+        if self.eval.patience is not None and self.eval.every_steps is None:
+            raise ValueError(
+                "eval.patience counts periodic evaluations: set eval.every_steps as well"
+            )
         return self
 
     @model_validator(mode="after")

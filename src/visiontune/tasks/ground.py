@@ -10,6 +10,7 @@ projector stay frozen by default; LoRA goes on the language model's linear layer
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -17,9 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
-from torch import nn
-from torch.utils.data import DataLoader
-from transformers import AutoConfig, AutoModelForImageTextToText, PretrainedConfig
+from transformers import AutoConfig, PretrainedConfig
 
 from visiontune.config.schema import Config, GroundTaskConfig
 from visiontune.data.conversations import (
@@ -38,15 +37,10 @@ from visiontune.models.coords import (
     parse_answer,
     write_answer,
 )
-from visiontune.models.load import build_config, load_model
-from visiontune.models.lora import apply_lora, resolve_targets
-from visiontune.models.qwen_vl import (
-    ANSWER_END,
-    IGNORE_INDEX,
-    VisionChatProcessor,
-    submodule_name,
-)
-from visiontune.task import Batch, LossOut, Metrics, Skipped, Splits
+from visiontune.models.load import build_config
+from visiontune.models.qwen_vl import ANSWER_END, IGNORE_INDEX, VisionChatProcessor
+from visiontune.models.vlm import VisionLanguageAdapter
+from visiontune.task import Batch, LossOut, Metrics, Outputs, Skipped, Splits
 from visiontune.tasks.ground_data import GroundDataset, GroundSample, hold_out
 
 log = logging.getLogger(__name__)
@@ -223,127 +217,64 @@ class GroundTask:
         skipped = [s for s in samples if isinstance(s, Skipped)]
         good = [s for s in samples if not isinstance(s, Skipped)]
         if not good:
-            return Batch({}, [], skipped)
+            return Batch({}, [], skipped=skipped)
         inputs = self.processor([s["text"] for s in good], [s["images"] for s in good])
         answer = self.processor.answer_mask(inputs["input_ids"])
         keep = answer & inputs["attention_mask"].bool()
         inputs["labels"] = torch.where(keep, inputs["input_ids"], IGNORE_INDEX)
-        return Batch(inputs, [s["id"] for s in good], skipped, {"samples": good})
+        targeted = [s for s in good if s["target"] is not None]
+        extras = {"samples": targeted, "generate": [(s["prompt"], s["images"]) for s in targeted]}
+        return Batch(inputs, [s["id"] for s in good], skipped=skipped, extras=extras)
 
-    # --- model ------------------------------------------------------------------------------
+    # --- model and loss ---------------------------------------------------------------------
 
-    def build_model(self) -> nn.Module:
-        model = load_model(AutoModelForImageTextToText, self.cfg.model)
-        if self.cfg.model.gradient_checkpointing:
-            model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
-            )
-        language = submodule_name(model, "language_model")
-        vision = submodule_name(model, "visual")
-        projector = f"{vision}.merger"
-        heads = [projector] if self.options.train_projector else []
-        lora = self.cfg.lora
-        if lora.enabled:
-            targets = resolve_targets(model, lora.targets, within=language)
-            if not self.options.freeze_vision:
-                targets += resolve_targets(
-                    model, lora.targets, within=vision + ".", exclude=(projector,)
-                )
-            return apply_lora(model, lora.model_copy(update={"targets": targets}), heads)
-        model = apply_lora(model, lora, heads)
-        for name, param in model.named_parameters():
-            if name.startswith(projector + "."):
-                param.requires_grad_(self.options.train_projector)
-            elif name.startswith(vision + "."):
-                param.requires_grad_(not self.options.freeze_vision)
-        return model
+    def adapter(self) -> VisionLanguageAdapter:
+        return VisionLanguageAdapter(self.cfg, self.options)
 
-    def loss(self, model: nn.Module, batch: Batch) -> LossOut:
-        """Sum of token losses over answer tokens, and how many there are.
-
-        Logits are computed only at positions that predict a label (`logits_to_keep` with a
-        boolean mask): a full-vocabulary logit tensor for a 1,500-token screenshot
-        conversation would cost more memory than the LoRA itself. The call goes through the
-        model's own forward, so PEFT and any distributed wrapper see it.
-        """
-        t = batch.tensors
-        targets = t["labels"][:, 1:]
-        keep = targets != IGNORE_INDEX
-        predicts = torch.zeros_like(t["labels"], dtype=torch.bool)
-        predicts[:, :-1] = keep
-        logits = model(
-            input_ids=t["input_ids"],
-            attention_mask=t["attention_mask"],
-            pixel_values=t.get("pixel_values"),
-            image_grid_thw=t.get("image_grid_thw"),
-            mm_token_type_ids=t["mm_token_type_ids"],
-            use_cache=False,
-            logits_to_keep=predicts,
-        ).logits
-        loss_sum = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
-        return LossOut(loss_sum, int(keep.sum()))
+    def loss(self, outputs: Outputs, batch: Batch) -> LossOut:
+        """Sum of token losses over answer tokens, and how many there are."""
+        targets = outputs["answer_targets"]
+        loss_sum = F.cross_entropy(outputs["answer_logits"], targets, reduction="sum")
+        return LossOut(loss_sum, targets.numel())
 
     # --- evaluation and prediction ----------------------------------------------------------
 
-    def evaluate(self, model: nn.Module, loader: DataLoader) -> Metrics:
-        device = next(model.parameters()).device
-        loss_sum, count, skipped = 0.0, 0, 0
-        outcomes: list[ClickOutcome] = []
-        answers: list[dict[str, Any]] = []
-        for batch in loader:
-            skipped += len(batch.skipped)
-            if not len(batch):
-                continue
-            out = self.loss(model, batch.to(device))
-            loss_sum, count = loss_sum + float(out.loss_sum), count + int(out.count)
-            targeted = [s for s in batch.extras["samples"] if s["target"] is not None]
-            if not targeted:
-                continue
-            texts = self.generate(
-                model, [s["prompt"] for s in targeted], [s["images"] for s in targeted]
-            )
-            for sample, text in zip(targeted, texts, strict=True):
-                outcomes.append(self._outcome(sample, text))
-                answers.append({"id": sample["id"], "answer": text, "point": outcomes[-1].point})
-        scalars = {"loss": loss_sum / max(count, 1), "skipped": float(skipped)}
-        if outcomes:
-            scalars.update(click_metrics(outcomes))
-        return Metrics(scalars, {"answers": answers})
+    def meter(self) -> GroundMeter:
+        return GroundMeter(self)
 
-    def _outcome(self, sample: dict[str, Any], text: str) -> ClickOutcome:
+    def generation_inputs(self, batch: Batch) -> dict[str, Any] | None:
+        """Greedy-answer inputs for the batch's samples that have a target (eval) or for the
+        user's instruction (predict): rendered prompts, left-padded."""
+        prompts = batch.extras.get("generate")
+        if not prompts:
+            return None
+        inputs: dict[str, Any] = self.processor(
+            [p for p, _ in prompts], [images for _, images in prompts], padding_side="left"
+        )
+        tokenizer = self.processor.tokenizer
+        inputs.update(
+            max_new_tokens=self.options.max_new_tokens,
+            stop_token_ids=[int(tokenizer.convert_tokens_to_ids(ANSWER_END))],
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        return inputs
+
+    def answers(self, generated: torch.Tensor) -> list[str]:
+        """Decoded answers (the adapter already cut each row at its first stop token)."""
+        tokenizer = self.processor.tokenizer
+        return [
+            tokenizer.decode(row, skip_special_tokens=True).strip() for row in generated.tolist()
+        ]
+
+    def outcome(self, sample: dict[str, Any], text: str) -> ClickOutcome:
         size = sample["sizes"][0]
         parsed = parse_answer(text)
         point = self.codec.decode(parsed, size) if parsed is not None else None
         target = sample["target"]
         return ClickOutcome(sample["id"], point, size, target.box, target.point, target.type)
 
-    def generate(
-        self, model: nn.Module, prompts: list[str], images: list[list[Image.Image]]
-    ) -> list[str]:
-        """Greedy answers to rendered prompts, cut at the end-of-answer marker."""
-        device = next(model.parameters()).device
-        inputs = self.processor(prompts, images, padding_side="left")
-        inputs = {k: v.to(device) for k, v in inputs.items()}
-        tokenizer = self.processor.tokenizer
-        stops = [int(tokenizer.convert_tokens_to_ids(ANSWER_END)), *_eos_ids(model)]
-        output = model.generate(
-            **inputs,
-            max_new_tokens=self.options.max_new_tokens,
-            do_sample=False,
-            eos_token_id=stops,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        texts = []
-        for row in output[:, inputs["input_ids"].shape[1] :].tolist():
-            end = next((i for i, token in enumerate(row) if token in stops), len(row))
-            texts.append(tokenizer.decode(row[:end], skip_special_tokens=True).strip())
-        return texts
-
-    def predict(
-        self, model: nn.Module, inputs: list[dict[str, Any]], out_dir: Path
-    ) -> list[dict[str, Any]]:
-        """For each `{"image": path, "text": instruction}`: the click, and a picture of it."""
-        records = []
+    def prediction_batches(self, inputs: list[dict[str, Any]]) -> Iterator[Batch]:
+        """One generation per `{"image": path, "text": instruction}`."""
         for index, item in enumerate(inputs):
             path, instruction = Path(str(item.get("image", ""))), str(item.get("text") or "")
             if not instruction.strip():
@@ -353,25 +284,30 @@ class GroundTask:
             messages = [{"role": "user", "content": IMAGE_PLACEHOLDER + prompt}]
             if self.options.system_prompt:
                 messages.insert(0, {"role": "system", "content": self.options.system_prompt})
-            text = self.generate(model, [self.processor.render(messages, True)], [[image]])[0]
-            parsed = parse_answer(text)
-            point = self.codec.decode(parsed, image.size) if parsed is not None else None
-            width, height = image.size
-            outside = point is not None and not (0 <= point[0] <= width and 0 <= point[1] <= height)
-            if outside:
-                log.warning(
-                    "%s: the answer %r lies outside the %dx%d image", path, text, width, height
-                )
-                point = None
-            picture = out_dir / f"{path.stem}_click.png"
-            draw_click(image, point).save(picture)
-            x, y = (round(point[0], 1), round(point[1], 1)) if point else (None, None)
-            record = {"image": str(path), "text": instruction, "answer": text, "outside": outside}
-            record.update({"point": [x, y] if point else None, "x": x, "y": y})
-            record["picture"] = str(picture)
-            log.info("%s: %r -> %s", path, instruction, record["point"] or f"unparseable {text!r}")
-            records.append(record)
-        return records
+            rendered = self.processor.render(messages, True)
+            extras = {"path": path, "instruction": instruction, "image": image}
+            extras["generate"] = [(rendered, [image])]
+            yield Batch({}, [str(path)], extras=extras)
+
+    def predictions(self, outputs: Outputs, batch: Batch, out_dir: Path) -> list[dict[str, Any]]:
+        """The click, and a picture of it."""
+        path, instruction, image = (batch.extras[k] for k in ("path", "instruction", "image"))
+        text = self.answers(outputs["generated"])[0]
+        parsed = parse_answer(text)
+        point = self.codec.decode(parsed, image.size) if parsed is not None else None
+        width, height = image.size
+        outside = point is not None and not (0 <= point[0] <= width and 0 <= point[1] <= height)
+        if outside:
+            log.warning("%s: the answer %r lies outside the %dx%d image", path, text, width, height)
+            point = None
+        picture = out_dir / f"{path.stem}_click.png"
+        draw_click(image, point).save(picture)
+        x, y = (round(point[0], 1), round(point[1], 1)) if point else (None, None)
+        record = {"image": str(path), "text": instruction, "answer": text, "outside": outside}
+        record.update({"point": [x, y] if point else None, "x": x, "y": y})
+        record["picture"] = str(picture)
+        log.info("%s: %r -> %s", path, instruction, record["point"] or f"unparseable {text!r}")
+        return [record]
 
     def export_files(self, out_dir: Path) -> None:
         """The processor files a merged export needs to be used on its own."""
@@ -419,9 +355,33 @@ def draw_click(image: Image.Image, point: tuple[float, float] | None) -> Image.I
     return picture
 
 
-def _eos_ids(model: nn.Module) -> list[int]:
-    """End-of-sequence ids from the model's generation config (Qwen: <|endoftext|> too)."""
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if eos is None:
-        return []
-    return [int(e) for e in (eos if isinstance(eos, list) else [eos])]
+class GroundMeter:
+    """Answer-token loss and click outcomes over the split (unparseable answers included)."""
+
+    def __init__(self, task: GroundTask) -> None:
+        self.task = task
+        self.loss_sum, self.count, self.skipped = 0.0, 0, 0
+        self.outcomes: list[ClickOutcome] = []
+        self.answers: list[dict[str, Any]] = []
+
+    def update(self, outputs: Outputs, batch: Batch) -> None:
+        self.skipped += len(batch.skipped)
+        if not len(batch):
+            return
+        out = self.task.loss(outputs, batch)
+        self.loss_sum += float(out.loss_sum)
+        self.count += int(out.count)
+        if "generated" not in outputs:
+            return
+        texts = self.task.answers(outputs["generated"])
+        for sample, text in zip(batch.extras["samples"], texts, strict=True):
+            self.outcomes.append(self.task.outcome(sample, text))
+            self.answers.append(
+                {"id": sample["id"], "answer": text, "point": self.outcomes[-1].point}
+            )
+
+    def compute(self) -> Metrics:
+        scalars = {"loss": self.loss_sum / max(self.count, 1), "skipped": float(self.skipped)}
+        if self.outcomes:
+            scalars.update(click_metrics(self.outcomes))
+        return Metrics(scalars, {"answers": self.answers})

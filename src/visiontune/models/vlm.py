@@ -1,0 +1,113 @@
+"""Generative vision-language models (Qwen2-VL, Qwen2.5-VL) behind one forward and one
+generate: LoRA on the language model, vision tower and merger frozen by default."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForImageTextToText
+
+from visiontune.config.schema import Config, GroundTaskConfig
+from visiontune.models.load import enable_checkpointing, load_model
+from visiontune.models.lora import apply_lora, merged, resolve_targets, trainable_report
+from visiontune.models.qwen_vl import IGNORE_INDEX, submodule_name
+from visiontune.task import ModelAdapter, Outputs, TrainableRow
+
+
+class VisionLanguageAdapter(ModelAdapter):
+    """`forward(input_ids, attention_mask, mm_token_type_ids, labels, pixel_values=None,
+    image_grid_thw=None) -> {"answer_logits": fp32 (N, vocab), "answer_targets": (N,)}` at
+    the N positions that predict a label; `generate(...)` -> new token ids per row."""
+
+    def __init__(self, cfg: Config, options: GroundTaskConfig) -> None:
+        super().__init__()
+        model = load_model(AutoModelForImageTextToText, cfg.model)
+        if cfg.model.gradient_checkpointing:
+            enable_checkpointing(model)
+        self.base_model_id = cfg.model.name_or_path
+        self.model = self._with_lora(model, cfg, options)
+
+    @staticmethod
+    def _with_lora(model: nn.Module, cfg: Config, options: GroundTaskConfig) -> nn.Module:
+        language = submodule_name(model, "language_model")
+        vision = submodule_name(model, "visual")
+        projector = f"{vision}.merger"
+        heads = [projector] if options.train_projector else []
+        lora = cfg.lora
+        if lora.enabled:
+            targets = resolve_targets(model, lora.targets, within=language)
+            if not options.freeze_vision:
+                targets += resolve_targets(
+                    model, lora.targets, within=vision + ".", exclude=(projector,)
+                )
+            return apply_lora(model, lora.model_copy(update={"targets": targets}), heads)
+        model = apply_lora(model, lora, heads)
+        for name, param in model.named_parameters():
+            if name.startswith(projector + "."):
+                param.requires_grad_(options.train_projector)
+            elif name.startswith(vision + "."):
+                param.requires_grad_(not options.freeze_vision)
+        return model
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        mm_token_type_ids: torch.Tensor,
+        labels: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
+    ) -> Outputs:
+        """Logits only at positions that predict a label (`logits_to_keep` with a boolean
+        mask): a full-vocabulary logit tensor for a 1,500-token screenshot conversation would
+        cost more memory than the LoRA itself."""
+        targets = labels[:, 1:]
+        keep = targets != IGNORE_INDEX
+        predicts = torch.zeros_like(labels, dtype=torch.bool)
+        predicts[:, :-1] = keep
+        logits = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            pixel_values=pixel_values,
+            image_grid_thw=image_grid_thw,
+            mm_token_type_ids=mm_token_type_ids,
+            use_cache=False,
+            logits_to_keep=predicts,
+        ).logits
+        return {"answer_logits": logits.float(), "answer_targets": targets[keep]}
+
+    def generate(
+        self,
+        max_new_tokens: int,
+        stop_token_ids: list[int],
+        pad_token_id: int,
+        **inputs: torch.Tensor,
+    ) -> torch.Tensor:
+        """Greedy continuation of left-padded prompts: the new tokens only, with the first stop
+        token of each row and everything after it replaced by `pad_token_id`."""
+        stops = [*stop_token_ids, *self.eos_token_ids()]
+        output = self.model.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=stops,
+            pad_token_id=pad_token_id,
+        )
+        new = output[:, inputs["input_ids"].shape[1] :]
+        stopped = torch.isin(new, torch.tensor(stops, device=new.device)).cumsum(dim=1) > 0
+        return new.masked_fill(stopped, pad_token_id)
+
+    def eos_token_ids(self) -> list[int]:
+        """End-of-sequence ids from the model's generation config (Qwen: <|endoftext|> too)."""
+        eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        if eos is None:
+            return []
+        return [int(e) for e in (eos if isinstance(eos, list) else [eos])]
+
+    def trainable_rows(self) -> list[TrainableRow]:
+        return trainable_report(self.model)
+
+    def export_merged(self, out_dir: Path) -> None:
+        merged(self.model).save_pretrained(str(out_dir))
