@@ -24,12 +24,12 @@ def test_merged_export_matches_the_adapter_and_refuses_to_overwrite(
     processor = AutoImageProcessor.from_pretrained(out)
     assert processor.size == {"height": 16, "width": 16}
     assert merged.config.id2label == {0: "a", 1: "b", 2: "c"}
-    _, _, ours = api.load_run(run)
+    ours = api.load_run(run).runner.adapter
     pixels = torch.randn(3, 3, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(
             merged(pixel_values=pixels).logits,
-            ours(pixel_values=pixels).logits,
+            ours(pixel_values=pixels)["logits"],
             atol=1e-5,
             rtol=1e-4,
         )

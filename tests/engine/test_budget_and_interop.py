@@ -59,9 +59,9 @@ def test_best_is_a_peft_adapter_for_the_base_model(image_data: Path, tmp_path: P
         base_dir, num_labels=3, ignore_mismatched_sizes=True
     )
     plain = PeftModel.from_pretrained(base, best).eval()
-    _, _, ours = api.load_run(tmp_path / "runs/tiny")
+    ours = api.load_run(tmp_path / "runs/tiny").runner.adapter
     pixels = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(
-            plain(pixel_values=pixels).logits, ours(pixel_values=pixels).logits
+            plain(pixel_values=pixels).logits, ours(pixel_values=pixels)["logits"]
         )

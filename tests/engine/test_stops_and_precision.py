@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from tests.conftest import tiny_config
 from visiontune import api
 from visiontune.engine import checkpoint as ckpt
+from visiontune.engine.state import WEIGHTS
 from visiontune.engine.stop import EXIT_RESUMABLE
 from visiontune.errors import TrainingError
 from visiontune.runs.rundir import read_jsonl
@@ -35,7 +36,7 @@ def test_fp16_base_lora_fp16_amp_with_clipping_trains(image_data: Path, tmp_path
     latest = ckpt.latest_complete(tmp_path / "tiny/checkpoints")
     assert (latest / "scaler.pt").is_file()
     assert ckpt.load_torch(latest / "scaler.pt")["scale"] > 0
-    weights = load_file(str(latest / ckpt.WEIGHTS))
+    weights = load_file(str(latest / WEIGHTS))
     assert weights and all(t.dtype == torch.float32 for t in weights.values())
     steps = read_jsonl(tmp_path / "tiny/metrics.jsonl")
     applied = [r for r in steps if r["update_applied"]]

@@ -16,6 +16,7 @@ from visiontune.config import load_config
 from visiontune.config.schema import Config
 from visiontune.data.imagefolder import build_splits
 from visiontune.data.images import ImageSpec
+from visiontune.engine.runner import Runner
 from visiontune.errors import ConfigError
 from visiontune.metrics.classification import classification_metrics
 from visiontune.task import Batch, Skipped
@@ -60,7 +61,7 @@ def loader(task: ClassifyTask, split: str = "val") -> DataLoader:
 
 def test_lora_model_targets_attention_and_trains_the_head(tmp_path: Path) -> None:
     task = task_for(tmp_path)
-    model = task.build_model()
+    model = task.adapter().model
     assert isinstance(model, PeftModel)
     lora_layers = {n.split(".lora_A")[0] for n, _ in model.named_parameters() if "lora_A" in n}
     assert len(lora_layers) == 8  # 4 attention projections in each of 2 layers
@@ -80,11 +81,11 @@ def test_loss_is_a_sum_with_its_count_and_reaches_lora_under_checkpointing(
         model={"gradient_checkpointing": True},
         task={"loss": {"type": "focal", "class_weights": "balanced"}},
     )
-    model = task.build_model()
+    model = task.adapter()
     model.train()
     assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
     batch = next(iter(DataLoader(task.datasets().train, batch_size=5, collate_fn=task.collate)))
-    out = task.loss(model, batch)
+    out = task.loss(model(**batch.inputs), batch)
     assert out.count == 5 and out.loss_sum.ndim == 0 and torch.isfinite(out.loss_sum)
     out.loss_sum.backward()
     lora_grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n]
@@ -93,9 +94,8 @@ def test_loss_is_a_sum_with_its_count_and_reaches_lora_under_checkpointing(
 
 def test_evaluate_reports_metrics_and_draws_the_confusion_matrix(tmp_path: Path) -> None:
     task = task_for(tmp_path, task={"referable_from": "none"})
-    model = task.build_model().eval()
-    with torch.no_grad():
-        metrics = task.evaluate(model, loader(task))
+    cfg = task.cfg.model_copy(update={"eval": task.cfg.eval.model_copy(update={"batch_size": 4})})
+    metrics = Runner(cfg, task.adapter()).evaluate(task, task.datasets().val)
     scalars = metrics.scalars
     for name in ("accuracy", "balanced_accuracy", "macro_f1", "loss", "sensitivity.severe"):
         assert name in scalars
@@ -114,9 +114,9 @@ def test_a_corrupt_image_is_skipped_and_collated_apart(tmp_path: Path) -> None:
     assert isinstance(skipped, Skipped) and "9.png" in skipped.reason
     batch = task.collate([ds[0], skipped])
     assert isinstance(batch, Batch) and batch.ids == [ds.records[0].sample_id]
-    assert batch.skipped == [skipped] and batch.tensors["pixel_values"].shape == (1, 3, 32, 32)
+    assert batch.skipped == [skipped] and batch.inputs["pixel_values"].shape == (1, 3, 32, 32)
     empty = task.collate([skipped])
-    assert task.loss(task.build_model(), empty).count == 0
+    assert len(empty) == 0 and empty.skipped == [skipped]
 
 
 def test_model_saved_by_path_loads_with_its_image_processor(tmp_path: Path) -> None:
@@ -126,18 +126,17 @@ def test_model_saved_by_path_loads_with_its_image_processor(tmp_path: Path) -> N
     processor.save_pretrained(tmp_path / "vit")
     task = task_for(tmp_path, model={"config": None, "name_or_path": str(tmp_path / "vit")})
     assert task.spec.size == 24 and task.spec.mean == (0.4, 0.4, 0.4)
-    model = task.build_model()
+    model = task.adapter().model
     assert model.config.num_labels == 3  # the 7-class head was replaced for our classes
 
 
 def test_predict_returns_labels_probabilities_and_names_bad_files(tmp_path: Path) -> None:
     task = task_for(tmp_path)
-    model = task.build_model().eval()
+    runner = Runner(task.cfg, task.adapter())
     good = tmp_path / "train" / "severe" / "0.png"
     bad = tmp_path / "bad.jpg"
     bad.write_text("no jpeg here")
-    with torch.no_grad():
-        first, second = task.predict(model, [{"image": good}, {"image": bad}], tmp_path)
+    first, second = runner.predict(task, [{"image": good}, {"image": bad}], tmp_path)
     assert first["label"] in CLASSES and set(first["probabilities"]) == set(CLASSES)
     assert first["score"] == pytest.approx(max(first["probabilities"].values()))
     assert sum(first["probabilities"].values()) == pytest.approx(1.0)
@@ -149,9 +148,9 @@ def test_full_siglip_config_builds_with_lora(tmp_path: Path) -> None:
     text = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}
     inline = {"model_type": "siglip", "vision_config": vision, "text_config": text}
     task = task_for(tmp_path, model={"config": inline}, lora={"targets": "qv"})
-    model = task.build_model()
+    model = task.adapter()
     pixels = torch.zeros(2, 3, 32, 32)
-    assert model(pixel_values=pixels).logits.shape == (2, 3)
+    assert model(pixel_values=pixels)["logits"].shape == (2, 3)
 
 
 def test_unknown_referable_class_is_a_config_error(tmp_path: Path) -> None:
