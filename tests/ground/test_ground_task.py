@@ -13,6 +13,7 @@ from transformers import Qwen2VLProcessor
 
 from visiontune.config.schema import Config
 from visiontune.data.images import decode_image
+from visiontune.engine.runner import Runner
 from visiontune.errors import ConfigError, DataError
 from visiontune.models.coords import ResizedPixelCodec
 from visiontune.models.lora import unwrap
@@ -105,16 +106,16 @@ def test_labels_cover_only_the_answer_and_its_end(
     task = _task(ground_config, tmp_path)
     train = task.datasets().train
     batch = task.collate([train[0], train[1]])
-    labels = batch.tensors["labels"]
+    labels = batch.inputs["labels"]
     tokenizer = task.processor.tokenizer
     # screen_0's box is [43, 62, 63, 74] on a 112x84 screen: centre (53, 68);
     # Qwen2-VL answers round(53/112*1000) = 473, round(68/84*1000) = 810
-    first = tokenizer.decode(batch.tensors["input_ids"][0][labels[0] != -100])
+    first = tokenizer.decode(batch.inputs["input_ids"][0][labels[0] != -100])
     assert first == "(473,810)<|im_end|>"
     for row in range(2):
         labelled = labels[row][labels[row] != -100]
         assert labelled[-1] == tokenizer.convert_tokens_to_ids("<|im_end|>")
-        assert (labels[row][batch.tensors["attention_mask"][row] == 0] == -100).all()
+        assert (labels[row][batch.inputs["attention_mask"][row] == 0] == -100).all()
 
 
 def test_loss_sum_over_count_is_transformers_mean_loss(
@@ -122,12 +123,12 @@ def test_loss_sum_over_count_is_transformers_mean_loss(
 ) -> None:
     task = _task(ground_config, tmp_path)
     train = task.datasets().train
-    model = task.build_model()
+    model = task.adapter()
     batch = task.collate([train[i] for i in range(3)])
-    out = task.loss(model, batch)
-    labels = batch.tensors["labels"]
+    out = task.loss(model(**batch.inputs), batch)
+    labels = batch.inputs["labels"]
     assert out.count == int((labels != -100).sum())
-    reference = unwrap(model)(**batch.tensors).loss  # HF: mean over label tokens
+    reference = unwrap(model.model)(**batch.inputs).loss  # HF: mean over label tokens
     assert (out.loss_sum / out.count).item() == pytest.approx(reference.item(), rel=1e-5)
 
 
@@ -157,12 +158,12 @@ def test_accumulation_window_normalises_over_all_answer_tokens(
         ground_config, tmp_path, "data.format=conversations", f"data.train={data}", "data.val=null"
     )
     train = task.datasets().train
-    model = task.build_model()
+    model = task.adapter()
     params = [p for p in model.parameters() if p.requires_grad]
     small, large = task.collate([train[0]]), task.collate([train[1]])
     both = task.collate([train[0], train[1]])
 
-    window = [task.loss(model, micro) for micro in (small, large)]
+    window = [task.loss(model(**micro.inputs), micro) for micro in (small, large)]
     total = sum(int(w.count) for w in window)
     tokenizer = task.processor.tokenizer
     answer_tokens = [len(tokenizer(a, add_special_tokens=False)["input_ids"]) + 1 for a in answers]
@@ -174,7 +175,7 @@ def test_accumulation_window_normalises_over_all_answer_tokens(
     mean_of_means = sum(float(w.loss_sum) / int(w.count) for w in window) / 2
     model.zero_grad()
 
-    reference = unwrap(model)(**both.tensors).loss  # one batch, HF mean over its tokens
+    reference = unwrap(model.model)(**both.inputs).loss  # one batch, HF mean over its tokens
     reference.backward()
     assert windowed == pytest.approx(reference.item(), rel=1e-5)
     assert abs(mean_of_means - reference.item()) > 1e-3  # the bug this guards against
@@ -189,17 +190,17 @@ def _trainable(model: torch.nn.Module) -> list[str]:
 def test_lora_goes_on_the_language_model_and_vision_stays_frozen(
     ground_config: Callable[..., Config], tmp_path: Path
 ) -> None:
-    model = _task(ground_config, tmp_path).build_model()
+    model = _task(ground_config, tmp_path).adapter()
     trainable = _trainable(model)
     assert trainable and all("language_model" in n and "lora_" in n for n in trainable)
     wrapped = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in trainable}
     assert wrapped == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     assert all(not p.requires_grad for n, p in model.named_parameters() if ".visual." in n)
 
-    projector = _task(ground_config, tmp_path, "task.train_projector=true").build_model()
+    projector = _task(ground_config, tmp_path, "task.train_projector=true").adapter()
     assert any(".visual.merger." in n and "modules_to_save" in n for n in _trainable(projector))
 
-    vision = _task(ground_config, tmp_path, "task.freeze_vision=false").build_model()
+    vision = _task(ground_config, tmp_path, "task.freeze_vision=false").adapter()
     in_vision = [n for n in _trainable(vision) if ".visual." in n]
     assert in_vision and all("lora_" in n and ".merger." not in n for n in in_vision)
 
@@ -207,7 +208,7 @@ def test_lora_goes_on_the_language_model_and_vision_stays_frozen(
 def test_full_finetune_still_freezes_vision(
     ground_config: Callable[..., Config], tmp_path: Path
 ) -> None:
-    model = _task(ground_config, tmp_path, "lora.enabled=false").build_model()
+    model = _task(ground_config, tmp_path, "lora.enabled=false").adapter()
     trainable = _trainable(model)
     assert any("language_model" in n for n in trainable)
     assert not any(".visual." in n for n in trainable)
@@ -256,12 +257,12 @@ def test_qwen25_vl_answers_in_resized_pixels_and_trains(
     assert isinstance(task.codec, ResizedPixelCodec)
     train = task.datasets().train
     batch = task.collate([train[0], train[1]])
-    labels = batch.tensors["labels"]
+    labels = batch.inputs["labels"]
     # 112x84 is already a multiple of 28 inside [min, max] pixels: the centre (53, 68) stays
-    answer = task.processor.tokenizer.decode(batch.tensors["input_ids"][0][labels[0] != -100])
+    answer = task.processor.tokenizer.decode(batch.inputs["input_ids"][0][labels[0] != -100])
     assert answer == "(53,68)<|im_end|>"
-    model = task.build_model()
-    out = task.loss(model, batch)
+    model = task.adapter()
+    out = task.loss(model(**batch.inputs), batch)
     out.loss_sum.backward()
     assert torch.isfinite(out.loss_sum) and out.count == int((labels != -100).sum())
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
@@ -275,12 +276,13 @@ def test_gradient_checkpointing_gives_the_same_gradients(
         torch.manual_seed(0)
         task = _task(ground_config, tmp_path, f"model.gradient_checkpointing={checkpointing}")
         train = task.datasets().train
-        model = task.build_model()
+        model = task.adapter()
         model.train()
-        out = task.loss(model, task.collate([train[0], train[1]]))
+        batch = task.collate([train[0], train[1]])
+        out = task.loss(model(**batch.inputs), batch)
         out.loss_sum.backward()
         grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
-    assert unwrap(model).is_gradient_checkpointing
+    assert unwrap(model.model).is_gradient_checkpointing
     for name, grad in grads[0].items():
         torch.testing.assert_close(grads[1][name], grad, rtol=1e-4, atol=1e-6)
 
@@ -303,12 +305,12 @@ def test_predict_refuses_an_empty_instruction(
     ground_config: Callable[..., Config], tiny_data: Path, tmp_path: Path
 ) -> None:
     task = _task(ground_config, tmp_path)
-    model = task.build_model()
+    runner = Runner(task.cfg, task.adapter())
     image = str(tiny_data / "screens" / "screen_0.png")
     with pytest.raises(DataError, match="empty instruction"):
-        task.predict(model, [{"image": image, "text": "  "}], tmp_path)
+        runner.predict(task, [{"image": image, "text": "  "}], tmp_path)
     with pytest.raises(DataError, match="image file not found"):
-        task.predict(model, [{"image": str(tmp_path / "gone.png"), "text": "ok"}], tmp_path)
+        runner.predict(task, [{"image": str(tmp_path / "gone.png"), "text": "ok"}], tmp_path)
 
 
 def test_a_template_without_chatml_markers_is_refused(processor: VisionChatProcessor) -> None:
@@ -332,4 +334,4 @@ def test_an_image_broken_after_the_check_is_a_counted_skip(
     assert isinstance(skipped, Skipped) and "screen_1.png" in skipped.reason
     batch = task.collate([train[0], skipped, train[2]])
     assert len(batch) == 2 and batch.skipped == [skipped]
-    assert batch.tensors["input_ids"].shape[0] == 2
+    assert batch.inputs["input_ids"].shape[0] == 2

@@ -38,7 +38,7 @@ def test_presets_resolve_against_transformers_5_vit_names() -> None:
 
 def test_report_counts_the_trained_head_once_and_warns_when_implausible() -> None:
     model = apply_lora(tiny_vit(), LoraConfig(rank=2, targets="qv"), heads=["classifier"])
-    rows = {r.module: r for r in trainable_report(model)}
+    rows = {r.component: r for r in trainable_report(model)}
     assert rows["classifier"].trainable == rows["classifier"].total == 32 * 3 + 3
     lora_params = 4 * 2 * (32 + 32)  # four adapted layers, rank 2, A and B of a 32x32 layer
     assert rows["vit"].trainable == lora_params

@@ -12,9 +12,9 @@ from PIL import Image
 
 from tests.segment.builders import ROOT, segment_config, tiny_sam
 from visiontune.errors import ConfigError
-from visiontune.models import sam as sam_parts
 from visiontune.models.lora import unwrap
-from visiontune.models.text_seg import TextPromptedSegmenter
+from visiontune.models.sam import SamAdapter
+from visiontune.models.text_seg import TextSegAdapter
 from visiontune.tasks.segment import SegmentTask
 
 TOKENIZER = str(ROOT / "examples" / "tiny" / "tokenizer")
@@ -40,14 +40,14 @@ def text_task(tmp_path: Path, text_model: dict[str, Any], **task: Any) -> Segmen
 
 
 def mask_logits(task: SegmentTask, model: torch.nn.Module, path: Path, text: str) -> torch.Tensor:
-    batch, _ = task._predict_batch({"image": str(path), "text": text})
+    batch = task._predict_batch(0, {"image": str(path), "text": text})
     with torch.no_grad():
-        return task._forward(model, batch)[0]
+        return model(**batch.inputs)["mask_logits"]
 
 
 def test_changing_the_text_changes_the_mask(tmp_path: Path, minilm_dir: Path) -> None:
     task = text_task(tmp_path, {"name_or_path": str(minilm_dir)})
-    model = task.build_model().eval()
+    model = task.adapter().eval()
     path = image(tmp_path)
     red = mask_logits(task, model, path, "the red circle")
     again = mask_logits(task, model, path, "the red circle")
@@ -69,30 +69,28 @@ def test_seg_hidden_state_offset_counts_the_actual_visual_tokens(
         }
     }  # fmt: skip
     task = text_task(tmp_path, {"config": TINY_LLAMA, "tokenizer": TOKENIZER}, vision_tower=tower)
-    model = task.build_model().eval()
-    assert isinstance(model, TextPromptedSegmenter)
-    batch, _ = task._predict_batch({"image": str(image(tmp_path)), "text": "the red circle"})
+    model = task.adapter().eval()
+    assert isinstance(model, TextSegAdapter)
+    batch = task._predict_batch(0, {"image": str(image(tmp_path)), "text": "the red circle"})
     seen: list[torch.Tensor] = []
     model.seg_projector.register_forward_hook(lambda m, args, out: seen.append(args[0]))
     with torch.no_grad():
-        out = model(
-            **{k: v for k, v in batch.tensors.items() if k not in ("mask_image", "valid_hw")}
-        )
+        out = model(**batch.inputs)
         hidden, *_ = model._text_states(
-            batch.tensors["input_ids"], batch.tensors["attention_mask"], None,
-            batch.tensors["clip_pixel_values"],
+            batch.inputs["input_ids"], batch.inputs["attention_mask"], None,
+            batch.inputs["clip_pixel_values"],
         )  # fmt: skip
-    assert out.visual_tokens == tokens  # CLS dropped: (size / patch)^2 patch tokens
-    seg_index = int(batch.tensors["seg_index"][0])
+    assert out["visual_tokens"] == tokens  # CLS dropped: (size / patch)^2 patch tokens
+    seg_index = int(batch.inputs["seg_index"][0])
     seg_id = task.queries.seg_id
-    assert int(batch.tensors["input_ids"][0, seg_index]) == seg_id
+    assert int(batch.inputs["input_ids"][0, seg_index]) == seg_id
     # A causal LM predicts [SEG] at the position before it, shifted by the visual tokens.
     assert torch.equal(seen[0][0], hidden[0, seg_index - 1 + tokens])
 
 
 def test_answer_loss_equals_transformers_causal_lm_loss(tmp_path: Path) -> None:
     task = text_task(tmp_path, {"config": TINY_LLAMA, "tokenizer": TOKENIZER})
-    model = task.build_model().eval()
+    model = task.adapter().eval()
     enc = task.queries.encode(["the red circle left of the square"], ["q"])
     with torch.no_grad():
         hidden, labels, mask, _ = model._text_states(
@@ -125,32 +123,34 @@ def lora_task(tmp_path: Path, lora_on: list[str], **task: Any) -> SegmentTask:
 
 
 def test_sam_lora_per_component_and_frozen_encoder_by_default(tmp_path: Path) -> None:
-    default = lora_task(tmp_path, ["mask_decoder"])
-    model = default.build_model()
-    rows = {name: trainable for name, trainable, _ in sam_parts.component_rows(model)}
+    model = lora_task(tmp_path, ["mask_decoder"]).adapter()
+    assert isinstance(model, SamAdapter)
+    rows = {row.component: row.trainable for row in model.trainable_rows()}
     assert rows["sam.image_encoder"] == 0 and rows["sam.mask_decoder"] > 0
-    assert default.cache is not None  # frozen encoder: its embeddings are cached
-    both = lora_task(tmp_path, ["image_encoder", "mask_decoder"], cache="auto")
-    model = both.build_model()
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert model.cache is not None  # frozen encoder: its embeddings are cached
+    both = lora_task(tmp_path, ["image_encoder", "mask_decoder"], cache="auto").adapter()
+    assert isinstance(both, SamAdapter)
+    names = [n for n, p in both.named_parameters() if p.requires_grad]
     assert any("vision_encoder" in n and "qkv.lora_A" in n for n in names)
     assert any("mask_decoder" in n and "q_proj.lora_A" in n for n in names)
     assert both.cache is None  # a trainable encoder's output changes every step
     with pytest.raises(ConfigError, match="task.cache: memory needs a frozen SAM image encoder"):
-        lora_task(tmp_path, ["image_encoder"], cache="memory").build_model()
+        lora_task(tmp_path, ["image_encoder"], cache="memory").adapter()
 
 
 def test_sam_loads_from_a_save_pretrained_directory(tmp_path: Path) -> None:
-    built = lora_task(tmp_path, ["mask_decoder"]).build_model()
-    sam_parts.core(built).save_pretrained(tmp_path / "sam")
+    built = lora_task(tmp_path, ["mask_decoder"]).adapter()
+    assert isinstance(built, SamAdapter)
+    built.sam.save_pretrained(tmp_path / "sam")
     cfg = segment_config(
         {"format": "reasonseg", "train": str(tmp_path)},
         {"prompt": "points"},
         model={"name_or_path": str(tmp_path / "sam")},
     )
-    loaded = SegmentTask(cfg).build_model()
-    before = sam_parts.core(built).state_dict()
-    after = sam_parts.core(loaded).state_dict()
+    loaded = SegmentTask(cfg).adapter()
+    assert isinstance(loaded, SamAdapter)
+    before = built.sam.state_dict()
+    after = loaded.sam.state_dict()
     key = "vision_encoder.layers.0.attn.qkv.weight"
     assert key in after and torch.equal(before[key], after[key])
 

@@ -12,8 +12,7 @@ from PIL import Image
 from tests.segment.builders import TINY_YAML
 from visiontune import api
 from visiontune.config.load import load_config
-from visiontune.engine.loop import run_evaluation
-from visiontune.engine.precision import Precision
+from visiontune.engine.runner import Runner
 from visiontune.tasks.segment import SegmentTask
 
 
@@ -29,9 +28,7 @@ def test_short_training_beats_untrained_then_eval_and_predict(
         ],
     )
     task = SegmentTask(cfg)
-    model = task.build_model()
-    precision = Precision("fp32", next(model.parameters()).device)
-    untrained = run_evaluation(cfg, task, model, task.datasets().val, precision).scalars["giou"]
+    untrained = Runner(cfg, task.adapter()).evaluate(task, task.datasets().val).scalars["giou"]
 
     result = api.train(cfg)
     trained = result.state.best_metric
