@@ -7,21 +7,48 @@ where a checkpoint is consistent, saves and exits with EXIT_RESUMABLE so a SLURM
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import time
+from pathlib import Path
 from types import FrameType
 
 EXIT_RESUMABLE = 75
 """Exit code of a run stopped by SIGTERM/SIGUSR1 or its time limit after a complete checkpoint."""
 
 _SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+_IMPORTED = time.monotonic()
+
+
+def process_started() -> float:
+    """When this process started, on the `time.monotonic()` clock.
+
+    A scheduler's time limit counts from the job's start, and imports, data checks and model
+    loading spend it as much as training does. Linux gives the process start in clock ticks
+    after boot (/proc/self/stat, field 22) and the time since boot (/proc/uptime) on the same
+    clock. Where /proc is missing, or gives an age shorter than the time since this module was
+    imported (a container that virtualises uptime), the import is the latest possible start.
+    """
+    now = time.monotonic()
+    age = now - _IMPORTED
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        after_comm = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        age = max(age, uptime - int(after_comm[19]) / os.sysconf("SC_CLK_TCK"))
+    return now - age
 
 
 class StopRequest:
-    """Collects reasons to stop at the next step boundary."""
+    """Collects reasons to stop at the next step boundary.
+
+    `time_limit_s` is a budget for the whole process (a scheduler's wall clock), so by default
+    it counts from the process start, not from the start of training; pass `started` (on the
+    `time.monotonic()` clock) to count from elsewhere.
+    """
 
     def __init__(self, time_limit_s: float | None, started: float | None = None) -> None:
-        self.started = time.monotonic() if started is None else started
+        self.started = process_started() if started is None else started
         self.time_limit_s = time_limit_s
         self.signal_name: str | None = None
         self._previous: dict[int, object] = {}
