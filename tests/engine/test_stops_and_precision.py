@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from tests.conftest import tiny_config
 from visiontune import api
 from visiontune.engine import checkpoint as ckpt
+from visiontune.engine import stop
 from visiontune.engine.state import WEIGHTS
 from visiontune.engine.stop import EXIT_RESUMABLE
 from visiontune.errors import TrainingError
@@ -44,8 +45,10 @@ def test_fp16_base_lora_fp16_amp_with_clipping_trains(image_data: Path, tmp_path
 
 
 def test_time_limit_saves_and_exits_resumable_then_resume_finishes(
-    image_data: Path, tmp_path: Path
+    image_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # The limit counts from the process start; each train() here stands for a fresh process.
+    monkeypatch.setattr(stop, "process_started", time.monotonic)
     cfg = tiny_config(image_data, tmp_path, train={"max_steps": 10**6, "time_limit": "3s"})
     first = api.train(cfg)
     assert first.exit_code == EXIT_RESUMABLE

@@ -36,7 +36,8 @@ class DataOrder:
         return min(full, self.limit_batches) if self.limit_batches else full
 
     def epoch_batches(self, epoch: int, start: int = 0) -> Iterator[list[int]]:
-        """Index lists of `epoch` from micro-batch `start` on; the last one may be short.
+        """Index lists of `epoch` from micro-batch `start` on; one may be short (the last, or
+        with length grouping one of the last span's).
 
         With `limit_batches` (overfit mode) every epoch repeats the same first batches, which
         is the point of overfitting: the model must be able to drive their loss to zero.
@@ -45,24 +46,39 @@ class DataOrder:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + order_epoch)
         perm = [self.indices[i] for i in torch.randperm(self.num_samples, generator=generator)]
         size = self.micro_batch_size
-        if self.lengths is not None:
-            perm = group_by_length(perm, self.lengths, size)
-        for b in range(start, self.batches_per_epoch):
-            yield perm[b * size : (b + 1) * size]
+        if self.lengths is None:
+            batches = [perm[b : b + size] for b in range(0, len(perm), size)]
+        else:
+            batches = group_by_length(perm, self.lengths, size, generator)
+        yield from batches[start : self.batches_per_epoch]
 
 
 def group_by_length(
-    perm: list[int], lengths: list[int], micro_batch_size: int, window: int = 50
-) -> list[int]:
-    """Sort longest-first inside spans of `window` micro-batches.
+    perm: list[int],
+    lengths: list[int],
+    micro_batch_size: int,
+    generator: torch.Generator,
+    window: int = 50,
+) -> list[list[int]]:
+    """Micro-batches of similar lengths, in random order, the longest one first.
 
-    Micro-batches then hold similar lengths (less padding), the spans keep the shuffle's
-    randomness, and the first micro-batch of a span is its longest, so an out-of-memory
-    error shows up early instead of hours in.
+    Sorting inside spans of `window` micro-batches puts similar lengths together (less
+    padding) while the spans keep the shuffle's randomness. The batches of a span are then
+    shuffled, because handing them out longest-first would make every span a long-to-short
+    curriculum. Only the batch holding the epoch's longest sample is moved to the front, so
+    an out-of-memory error shows up at the first step instead of hours in (as Hugging Face's
+    LengthGroupedSampler does). `generator` must be seeded from (seed, epoch) so that a
+    resumed run gets the same batches. At most one batch (that of the last span) is short.
     """
     span = micro_batch_size * window
-    return [
-        i
-        for start in range(0, len(perm), span)
-        for i in sorted(perm[start : start + span], key=lambda i: -lengths[i])
-    ]
+    batches: list[list[int]] = []
+    for begin in range(0, len(perm), span):
+        ordered = sorted(perm[begin : begin + span], key=lambda i: -lengths[i])
+        grouped = [
+            ordered[b : b + micro_batch_size] for b in range(0, len(ordered), micro_batch_size)
+        ]
+        batches += [grouped[k] for k in torch.randperm(len(grouped), generator=generator)]
+    if batches:
+        longest = max(range(len(batches)), key=lambda b: lengths[batches[b][0]])
+        batches[0], batches[longest] = batches[longest], batches[0]
+    return batches
