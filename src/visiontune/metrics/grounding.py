@@ -6,6 +6,12 @@ model for answering gibberish when unsure) and is also counted on its own, becau
 stopped answering in the trained format" and "the model clicks the wrong place" need different
 fixes. The distance to the box centre is measured in coordinates normalised by the image's
 width and height, so 0.1 means "a tenth of the screen away" on any resolution.
+
+An unparseable answer also stays in the distance's denominator, at the worst distance two
+points of the image can have, sqrt(2) (corner to opposite corner in normalised units).
+Averaging over parseable answers only would let best-checkpoint selection (mode min) prefer a
+model that answers gibberish whenever it is unsure, and would leave `distance` undefined at an
+evaluation where nothing parsed, which `eval.metric: distance` cannot survive.
 """
 
 from __future__ import annotations
@@ -17,6 +23,9 @@ from dataclasses import dataclass
 
 Point = tuple[float, float]
 Box = tuple[float, float, float, float]
+
+WORST_DISTANCE = math.sqrt(2)
+"""Normalised distance scored for an answer without a usable point: the image's diagonal."""
 
 
 @dataclass(frozen=True)
@@ -59,8 +68,8 @@ def click_metrics(outcomes: Iterable[ClickOutcome]) -> dict[str, float]:
 
     Names: `click_accuracy`, `unparseable`, `unparseable_rate`, `distance`, `samples`, and
     `click_accuracy.<type>`, `distance.<type>`, `samples.<type>` for every type present.
-    `distance` averages over parseable answers only (an unparseable answer has no point);
-    accuracy is reported only when some sample has a box.
+    `distance` averages over every sample with a target, an unparseable answer counting as
+    WORST_DISTANCE; accuracy is reported only when some sample has a box.
     """
     items = list(outcomes)
     scalars = _summarise(items, "")
@@ -77,11 +86,7 @@ def _summarise(items: list[ClickOutcome], suffix: str) -> dict[str, float]:
     with_box = [o for o in items if o.box is not None]
     hits = sum(1 for o in with_box if o.point is not None and click_hit(o.point, o.box))
     unparseable = sum(1 for o in items if o.point is None)
-    distances = [
-        normalised_distance(o.point, o.target, o.size)
-        for o in items
-        if o.point is not None and o.target is not None
-    ]
+    distances = [_distance(o) for o in items if o.target is not None]
     out = {f"samples{suffix}": float(len(items))}
     if with_box:
         out[f"click_accuracy{suffix}"] = hits / len(with_box)
@@ -91,3 +96,11 @@ def _summarise(items: list[ClickOutcome], suffix: str) -> dict[str, float]:
         out["unparseable"] = float(unparseable)
         out["unparseable_rate"] = unparseable / len(items) if items else 0.0
     return out
+
+
+def _distance(outcome: ClickOutcome) -> float:
+    """Normalised distance to the target; WORST_DISTANCE when there is no usable point."""
+    assert outcome.target is not None
+    if outcome.point is None:
+        return WORST_DISTANCE
+    return normalised_distance(outcome.point, outcome.target, outcome.size)
