@@ -75,3 +75,27 @@ def test_point_targets_only_have_no_accuracy() -> None:
     m = click_metrics([ClickOutcome("p", (3.0, 4.0), (10, 10), target_point=(0.0, 0.0))])
     assert "click_accuracy" not in m
     assert m["distance"] == pytest.approx(0.5)  # hypot(0.3, 0.4)
+
+
+def test_answers_outside_the_image_are_counted_and_scored_like_unparseable() -> None:
+    """A decoded point outside the image came from an answer outside the codec's range."""
+    size, box = (1000, 500), (400.0, 200.0, 600.0, 300.0)  # centre (500, 250)
+    m = click_metrics(
+        [
+            ClickOutcome("centre", (500.0, 250.0), size, box),  # hit, distance 0
+            ClickOutcome("right", (1500.0, 250.0), size, box),  # out: miss, sqrt(2)
+            ClickOutcome("negative", (-10.0, 250.0), size, box),  # out: miss, sqrt(2)
+            # the bottom-right corner is still inside the image: hypot(500/1000, 250/500)
+            ClickOutcome("corner", (1000.0, 500.0), size, box),
+        ]
+    )
+    assert m["out_of_range"] == 2.0
+    assert m["unparseable"] == 0.0
+    assert m["click_accuracy"] == pytest.approx(1 / 4)
+    assert m["distance"] == pytest.approx((0 + 1.41421356 * 2 + 0.70710678) / 4)
+
+
+def test_an_out_of_range_point_inside_a_box_past_the_image_edge_is_a_miss() -> None:
+    """Accuracy does not rely on boxes lying inside the image: out of range is a miss."""
+    m = click_metrics([ClickOutcome("a", (105.0, 5.0), (100, 100), (90.0, 0.0, 110.0, 10.0))])
+    assert m["click_accuracy"] == 0.0 and m["out_of_range"] == 1.0
