@@ -157,9 +157,9 @@ def predict(
 def runs(
     output_dir: Annotated[Path, typer.Argument(help="Where the runs live.")] = Path("runs"),
 ) -> None:
-    """The ledger: every run with its status, best metric and the settings that differ."""
+    """The ledger: every run with its status, best metric and the settings that differ,
+    one table per task."""
     from rich.console import Console
-    from rich.table import Table
 
     from visiontune.runs import ledger
 
@@ -167,11 +167,9 @@ def runs(
     if not entries:
         typer.echo(f"no runs recorded in {output_dir / ledger.LEDGER}")
         return
-    header, rows = ledger.table(entries)
-    table = Table(*header)
-    for row in rows:
-        table.add_row(*row)
-    Console(width=max(120, 16 * len(header))).print(table)
+    console = Console()
+    for table in ledger.tables(entries):
+        console.print(table.to_rich(console.width))
 
 
 @app.command()

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import math
 import re
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import ClassVar, Literal
 
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
@@ -27,23 +28,76 @@ FAMILY_COORDINATES: dict[str, CoordinateSystem] = {
 }
 
 
-class CoordCodec(Protocol):
-    """Converts between original-image pixels and the integers a model reads and writes."""
+class CoordCodec(ABC):
+    """Converts between original-image pixels and the numbers a model reads and writes.
 
+    Every codec maps its whole range onto the image exactly (range edges onto image edges), so
+    a decoded point outside the image and an answer outside the range are the same thing.
+    """
+
+    system: ClassVar[CoordinateSystem]
+
+    @abstractmethod
     def encode(self, point: Point, size: tuple[int, int]) -> tuple[int, int]:
         """Original-pixel point of an image of `size` (width, height) -> model integers."""
 
+    @abstractmethod
     def decode(self, point: Point, size: tuple[int, int]) -> Point:
-        """Model coordinates -> original-image pixels."""
+        """Model coordinates -> original-image pixels (any point: no range check)."""
+
+    @abstractmethod
+    def in_range(self, point: Point, size: tuple[int, int]) -> bool:
+        """Whether model coordinates lie in the range the model answers in, edges included."""
+
+    def target_from_answer(self, text: str, size: tuple[int, int]) -> Point | None:
+        """The click an answer written in this model's convention means, in original pixels.
+
+        For data whose only target is the assistant's answer (LLaMA-Factory conversations with
+        no `bbox` or `point`). None when the answer holds no point or one outside the range:
+        such a sample has no target to score against.
+        """
+        parsed = parse_answer(text)
+        if parsed is None or not self.in_range(parsed, size):
+            return None
+        return self.decode(parsed, size)
+
+    def check_answer(self, text: str, target: Point | Box, size: tuple[int, int]) -> str | None:
+        """None when an answer written in a dataset clicks `target` in this model's convention;
+        otherwise what is wrong, in words for a data error.
+
+        `target` is a point or an (x1, y1, x2, y2) box in original-image pixels. Data written in
+        another convention (most often screenshot pixels) would train one convention and be
+        scored in another, so it must be refused before training. One model unit of slack per
+        side allows writers that floor instead of rounding, or write 1000 for the right edge.
+        """
+        parsed = parse_answer(text)
+        if parsed is None:
+            return f"the answer {text!r} holds no point"
+        box = target if len(target) == 4 else (*target, *target)
+        low, high = self.encode(box[:2], size), self.encode(box[2:], size)
+        if _within(parsed, (low[0] - 1, low[1] - 1, high[0] + 1, high[1] + 1)):
+            return None
+        shown, expected = f"({_number(parsed[0])}, {_number(parsed[1])})", _describe(low, high)
+        if _within(parsed, (box[0] - 1, box[1] - 1, box[2] + 1, box[3] + 1)):
+            return (
+                f"the answer {shown} is the target in image pixels, but this model answers in "
+                f"{self.system} coordinates: expected {expected}"
+            )
+        if not self.in_range(parsed, size):
+            return f"the answer {shown} lies outside the {self.system} range: expected {expected}"
+        return f"the answer {shown} misses the target: expected {expected} in {self.system}"
 
 
 @dataclass(frozen=True)
-class Norm1000Codec:
-    """Qwen2-VL: x and y as integers in [0, 1000), relative to the image's width and height.
+class Norm1000Codec(CoordCodec):
+    """Qwen2-VL and Qwen3-VL: x and y relative to the image's width and height, 0..1000.
 
-    Decoding multiplies by size/1000 (the convention the pre-trained model answers in), so a
-    round trip is off by at most half a bin, size/2000 pixels.
+    Targets are written in [0, 999]; answers are accepted in [0, 1000] because Qwen's docs say
+    both. Decoding multiplies by size/1000 (the convention the pre-trained model answers in), so
+    a round trip is off by at most half a bin, size/2000 pixels.
     """
+
+    system: ClassVar[CoordinateSystem] = "norm1000"
 
     def encode(self, point: Point, size: tuple[int, int]) -> tuple[int, int]:
         width, height = size
@@ -53,11 +107,15 @@ class Norm1000Codec:
         width, height = size
         return point[0] * width / 1000, point[1] * height / 1000
 
+    def in_range(self, point: Point, size: tuple[int, int]) -> bool:
+        return 0 <= point[0] <= 1000 and 0 <= point[1] <= 1000
+
 
 @dataclass(frozen=True)
-class ResizedPixelCodec:
+class ResizedPixelCodec(CoordCodec):
     """Qwen2.5-VL: absolute pixels of the image after the processor's smart resize."""
 
+    system: ClassVar[CoordinateSystem] = "resized_pixels"
     min_pixels: int
     max_pixels: int
     factor: int = 28
@@ -84,6 +142,10 @@ class ResizedPixelCodec:
     def decode(self, point: Point, size: tuple[int, int]) -> Point:
         new_width, new_height = self.resized_size(size)
         return point[0] * size[0] / new_width, point[1] * size[1] / new_height
+
+    def in_range(self, point: Point, size: tuple[int, int]) -> bool:
+        new_width, new_height = self.resized_size(size)
+        return 0 <= point[0] <= new_width and 0 <= point[1] <= new_height
 
 
 def make_codec(
@@ -150,3 +212,17 @@ def _centre(box: Box) -> Point:
 def box_centre(box: Box) -> Point:
     """Centre of an (x1, y1, x2, y2) box: the click a box target is trained as."""
     return _centre(box)
+
+
+def _within(point: Point, box: Box) -> bool:
+    return box[0] <= point[0] <= box[2] and box[1] <= point[1] <= box[3]
+
+
+def _describe(low: tuple[int, int], high: tuple[int, int]) -> str:
+    if low == high:
+        return f"about ({low[0]}, {low[1]})"
+    return f"a point in ({low[0]}, {low[1]})..({high[0]}, {high[1]})"
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if value == int(value) else str(value)
