@@ -17,8 +17,9 @@ from typing import Any
 
 import numpy as np
 
+from visiontune.data.images import upright_size
 from visiontune.data.labelme import read_json
-from visiontune.data.segmentation import TARGET, Polygon, SegRecord, fill_polygons, image_size
+from visiontune.data.segmentation import TARGET, Polygon, SegRecord, fill_polygons
 from visiontune.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -175,7 +176,7 @@ def _check_image(
         return None
     file = folder / str(entry["file_name"])
     try:
-        width, height = image_size(file)
+        width, height = upright_size(file)
     except DataError as err:
         problems.append(f"{source}: image id {entry['id']}: {err}")
         return None

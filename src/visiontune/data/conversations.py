@@ -27,15 +27,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from PIL import Image, UnidentifiedImageError
-
-from visiontune.errors import DataError
+from visiontune.data.images import open_image, upright_size
+from visiontune.errors import DataError, ImageError
 
 IMAGE_PLACEHOLDER = "<image>"
 ROLES = {"system", "user", "assistant"}
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user"}
 MAX_LISTED = 20
-_TRANSPOSED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
 
 Point = tuple[float, float]
 Box = tuple[float, float, float, float]
@@ -275,10 +273,11 @@ def _checked(samples: list[Conversation], problems: list[str], path: Path) -> li
 
 
 def _probe_or_error(path: Path) -> tuple[int, int] | str:
+    """The size, or the problem worded for a sample line (`<sample>: <problem>: <image>`)."""
     try:
         return probe_image(path)
-    except DataError as err:
-        return str(err)
+    except ImageError as err:
+        return f"{err.problem}: {err.path}"
 
 
 def probe_image(path: Path) -> tuple[int, int]:
@@ -288,16 +287,9 @@ def probe_image(path: Path) -> tuple[int, int]:
     a truncated file; images shared by several samples are decoded once, in threads, since
     PIL's decoders release the GIL.
     """
-    try:
-        with Image.open(path) as img:
-            img.load()
-            width, height = img.size
-            orientation = img.getexif().get(0x0112)
-    except FileNotFoundError:
-        raise DataError(f"image file not found: {path}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise DataError(f"cannot decode image {path}: {err}") from None
-    return (height, width) if orientation in _TRANSPOSED else (width, height)
+    with open_image(path) as img:
+        img.load()
+    return upright_size(path)
 
 
 def target_outside(target: ClickTarget, size: tuple[int, int]) -> str | None:

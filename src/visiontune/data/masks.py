@@ -11,10 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from visiontune.data.images import IMAGE_SUFFIXES
-from visiontune.data.segmentation import IGNORE, TARGET, SegRecord, image_size
+from visiontune.data.images import IMAGE_SUFFIXES, open_image, upright_size
+from visiontune.data.segmentation import IGNORE, TARGET, SegRecord
 from visiontune.errors import DataError
 
 
@@ -38,16 +37,11 @@ class PngMasks:
         return [self._with_ignore((values == v).astype(np.uint8) * TARGET, ignore) for v in ids]
 
     def _read(self) -> np.ndarray:
-        try:
-            with Image.open(self.path) as img:
-                img.load()
-                if img.mode not in ("L", "P", "I", "I;16", "1"):
-                    img = img.convert("L")
-                return np.asarray(img).astype(np.int64)
-        except FileNotFoundError:
-            raise DataError(f"mask file not found: {self.path}") from None
-        except (OSError, SyntaxError, ValueError) as err:
-            raise DataError(f"cannot decode mask {self.path}: {err}") from None
+        with open_image(self.path) as img:
+            img.load()
+            if img.mode not in ("L", "P", "I", "I;16", "1"):
+                img = img.convert("L")
+            return np.asarray(img).astype(np.int64)
 
     @staticmethod
     def _with_ignore(mask: np.ndarray, ignore: np.ndarray | None) -> np.ndarray:
@@ -83,8 +77,8 @@ def read_mask_folder(
             problems.append(f"{key}: no mask {mask} for image {image}")
             continue
         try:
-            width, height = image_size(image)
-            mask_size = image_size(mask)
+            width, height = upright_size(image)
+            mask_size = upright_size(mask)
         except DataError as err:
             problems.append(f"{key}: {err}")
             continue

@@ -104,17 +104,6 @@ class SegRecord:
     is_sentence: bool = False
 
 
-def image_size(path: Path) -> tuple[int, int]:
-    """(width, height) from the file header alone; DataError naming the file if unreadable."""
-    try:
-        with Image.open(path) as img:
-            return img.size
-    except FileNotFoundError:
-        raise DataError(f"image file not found: {path}") from None
-    except (OSError, SyntaxError, ValueError) as err:
-        raise DataError(f"cannot read image {path}: {err}") from None
-
-
 @dataclass(frozen=True)
 class Frame:
     """SAM's input frame: longest side resized to `size`, padded bottom-right to a square."""
