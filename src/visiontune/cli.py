@@ -1,8 +1,8 @@
 """Thin command line: parse, load the config, call the api, print.
 
 torch and transformers are imported inside the commands, so `visiontune --help` answers at once.
-Errors a user can fix print as one message (exit 2 for config problems, 1 otherwise); the
-traceback appears only with `--debug`.
+Errors a user can fix print as one message (exit 2 for config and data problems, 1 otherwise);
+the traceback appears only with `--debug`.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def friendly(command: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from visiontune.errors import ConfigError, VisiontuneError
+        from visiontune.errors import ConfigError, DataError, VisiontuneError
 
         try:
             return command(*args, **kwargs)
@@ -53,7 +53,7 @@ def friendly(command: Callable[..., Any]) -> Callable[..., Any]:
             if _debug:
                 raise
             typer.secho(f"error: {err}", fg="red", err=True)
-            raise typer.Exit(2 if isinstance(err, ConfigError) else 1) from None
+            raise typer.Exit(2 if isinstance(err, ConfigError | DataError) else 1) from None
 
     return wrapper
 

@@ -20,7 +20,7 @@ import numpy as np
 from visiontune.data.images import upright_size
 from visiontune.data.labelme import read_json
 from visiontune.data.segmentation import TARGET, Polygon, SegRecord, fill_polygons
-from visiontune.errors import DataError
+from visiontune.errors import DataError, ImageError, located
 
 log = logging.getLogger(__name__)
 
@@ -177,8 +177,8 @@ def _check_image(
     file = folder / str(entry["file_name"])
     try:
         width, height = upright_size(file)
-    except DataError as err:
-        problems.append(f"{source}: image id {entry['id']}: {err}")
+    except ImageError as err:
+        problems.append(located(file, f"{err.problem} (image id {entry['id']} of {source})"))
         return None
     declared = (entry.get("width", width), entry.get("height", height))
     if declared != (width, height):

@@ -14,7 +14,7 @@ import numpy as np
 
 from visiontune.data.images import IMAGE_SUFFIXES, open_image, upright_size
 from visiontune.data.segmentation import IGNORE, TARGET, SegRecord
-from visiontune.errors import DataError
+from visiontune.errors import DataError, located
 
 
 @dataclass
@@ -74,18 +74,20 @@ def read_mask_folder(
         name = image.relative_to(images).with_suffix("")
         mask = masks / name.with_suffix(".png")
         if not mask.is_file():
-            problems.append(f"{key}: no mask {mask} for image {image}")
+            problems.append(located(image, f"no mask for it (looked for {mask})"))
             continue
         try:
             width, height = upright_size(image)
             mask_size = upright_size(mask)
         except DataError as err:
-            problems.append(f"{key}: {err}")
+            problems.append(str(err))
             continue
         if mask_size != (width, height):
             problems.append(
-                f"{key}: mask {mask} is {mask_size[0]}x{mask_size[1]} but image {image} is "
-                f"{width}x{height}"
+                located(
+                    image,
+                    f"mask {mask} is {mask_size[0]}x{mask_size[1]} but image is {width}x{height}",
+                )
             )
             continue
         records.append(

@@ -34,16 +34,12 @@ log = logging.getLogger(__name__)
 TARGET = 1
 IGNORE = 255
 SHARED = -1  # instance id of ignore polygons: they apply to every instance of an image
-SHOWN = 8  # problems listed in one error message
 
 
 def raise_problems(problems: list[str], what: str) -> None:
-    """One DataError listing every problem found (the first SHOWN), so a user fixes all at once."""
-    if not problems:
-        return
-    listed = "\n".join(f"  - {p}" for p in problems[:SHOWN])
-    more = f"\n  ... and {len(problems) - SHOWN} more" if len(problems) > SHOWN else ""
-    raise DataError(f"{what}: {len(problems)} problem(s):\n{listed}{more}")
+    """One DataError listing every problem found, so a user fixes all of them at once."""
+    if problems:
+        raise DataError.listing(problems, what)
 
 
 class MaskSource(Protocol):
