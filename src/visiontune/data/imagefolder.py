@@ -79,6 +79,10 @@ class ImageClassificationDataset(Dataset):
     def labels(self) -> list[int]:
         return [r.label for r in self.records]
 
+    def image_paths(self) -> list[Path]:
+        """The files this split reads, for `config check` to decode."""
+        return [r.path for r in self.records]
+
     def set_epoch(self, epoch: int) -> None:
         """Called by the engine before each epoch: augmentation is drawn per (epoch, index)."""
         self.epoch = epoch

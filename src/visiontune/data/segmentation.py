@@ -201,6 +201,10 @@ class SegmentationDataset(Dataset):
         """Random augmentation changes the pixels, so cached frozen features cannot be reused."""
         return self.pipeline is not None
 
+    def image_paths(self) -> list[Path]:
+        """The images this split reads, for `config check` to decode."""
+        return [r.image for r in self.records]
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
