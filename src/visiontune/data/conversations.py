@@ -75,7 +75,8 @@ def _records(path: Path) -> list[tuple[str, dict[str, Any] | _Problem]]:
     """(sample name, record or its problem) pairs from a JSON list or a JSONL file, in order.
 
     The name is `file:line` (JSONL) or `file[index]` (JSON), plus the record's `id` when it has
-    one: what an error message must point the user at. A line that is not valid JSON is kept
+    one: a sample id that does not change when the data moves, which error messages complete
+    to the full path. A line that is not valid JSON is kept
     as its problem rather than raised, so it cannot hide the problems of the lines after it.
     """
     if not path.is_file():
@@ -83,7 +84,7 @@ def _records(path: Path) -> list[tuple[str, dict[str, Any] | _Problem]]:
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".jsonl":
         raw = [
-            (f"{path}:{number}", _parse_json(line))
+            (f"{path.name}:{number}", _parse_json(line))
             for number, line in enumerate(text.splitlines(), start=1)
             if line.strip()
         ]
@@ -93,7 +94,7 @@ def _records(path: Path) -> list[tuple[str, dict[str, Any] | _Problem]]:
             raise DataError(located(path, str(loaded)))
         if not isinstance(loaded, list):
             raise DataError(located(path, "expected a JSON list of records (or a .jsonl file)"))
-        raw = [(f"{path}[{index}]", record) for index, record in enumerate(loaded)]
+        raw = [(f"{path.name}[{index}]", record) for index, record in enumerate(loaded)]
     if not raw:
         raise DataError(located(path, "no records"))
     return [(_named(name, record), _as_object(record)) for name, record in raw]
@@ -142,13 +143,18 @@ def _load(
     problems: list[tuple[int, str]] = []
     for position, (name, record) in enumerate(_records(path)):
         if isinstance(record, _Problem):
-            problems.append((position, f"{name}: {record}"))
+            problems.append((position, _located(path, name, str(record))))
             continue
         try:
             samples.append((position, parse(name, record, path.parent, box_format)))
         except _Problem as problem:
-            problems.append((position, f"{name}: {problem}"))
+            problems.append((position, _located(path, name, str(problem))))
     return _checked(samples, problems, path)
+
+
+def _located(path: Path, name: str, problem: str) -> str:
+    """`<path>:<line> (id ...): <problem>`: the sample's name with the file's full path."""
+    return f"{path.parent / name}: {problem}"
 
 
 class _Problem(Exception):
@@ -272,13 +278,13 @@ def _checked(
         results = [probed[image] for image in sample.images]
         errors = [r for r in results if isinstance(r, str)]
         if errors:
-            problems.extend((position, f"{sample.sample_id}: {error}") for error in errors)
+            problems.extend((position, _located(path, sample.sample_id, e)) for e in errors)
             continue
         sample.sizes = [r for r in results if not isinstance(r, str)]
         if sample.target is not None:
             problem = target_outside(sample.target, sample.sizes[0])
             if problem:
-                problems.append((position, f"{sample.sample_id}: {problem}"))
+                problems.append((position, _located(path, sample.sample_id, problem)))
     if problems:
         in_order = [problem for _, problem in sorted(problems, key=lambda p: p[0])]
         raise DataError.listing(in_order, str(path), noun="bad sample(s)")

@@ -9,8 +9,9 @@ Two layouts, chosen by `data.format`:
 Everything that can be checked before training is checked before training, and every problem
 is reported in one error, so a user fixes the config and the data in one round instead of
 discovering one missing file per (expensive) run. Decoding all images up front would take
-minutes on real datasets, so a file that exists but is corrupt is found when it is read: the
-dataset returns `Skipped` and the engine counts it.
+minutes on real datasets, so a file that exists but is corrupt is found when it is read (the
+dataset returns `Skipped` and the engine counts it) or by `visiontune config check`, which does
+spend those minutes.
 """
 
 from __future__ import annotations
