@@ -1,8 +1,8 @@
 """Thin command line: parse, load the config, call the api, print.
 
 torch and transformers are imported inside the commands, so `visiontune --help` answers at once.
-Errors a user can fix print as one message (exit 2 for config problems, 1 otherwise); the
-traceback appears only with `--debug`.
+Errors a user can fix print as one message (exit 2 for config and data problems, 1 otherwise);
+the traceback appears only with `--debug`.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def friendly(command: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from visiontune.errors import ConfigError, VisiontuneError
+        from visiontune.errors import ConfigError, DataError, VisiontuneError
 
         try:
             return command(*args, **kwargs)
@@ -53,7 +53,7 @@ def friendly(command: Callable[..., Any]) -> Callable[..., Any]:
             if _debug:
                 raise
             typer.secho(f"error: {err}", fg="red", err=True)
-            raise typer.Exit(2 if isinstance(err, ConfigError) else 1) from None
+            raise typer.Exit(2 if isinstance(err, ConfigError | DataError) else 1) from None
 
     return wrapper
 
@@ -97,14 +97,22 @@ def config_show(config: Path, overrides: Overrides = None) -> None:
 @config_app.command("check")
 @friendly
 def config_check(config: Path, overrides: Overrides = None) -> None:
-    """Validate the config and the data it points at, without training."""
+    """Validate the config and the data it points at, decoding every image, without training."""
     from visiontune import api
     from visiontune.config import load_config
+    from visiontune.data.verify import CheckProgress, listed_images, undecodable
+    from visiontune.errors import DataError
 
     cfg = load_config(config, overrides)
     splits = api.make_task(cfg).datasets()
-    sizes = {name: len(ds) for name in ("train", "val", "test") if (ds := splits.get(name))}
-    typer.echo(f"{config}: OK ({', '.join(f'{k}: {v} samples' for k, v in sizes.items())})")
+    datasets = {name: ds for name in ("train", "val", "test") if (ds := splits.get(name))}
+    images = listed_images(list(datasets.values()))
+    with CheckProgress(len(images), typer.echo) as progress:
+        unreadable = undecodable(images, progress.advance)
+    if unreadable:
+        raise DataError.listing(unreadable, str(config), noun="unreadable image(s)")
+    sizes = ", ".join(f"{name}: {len(ds)} samples" for name, ds in datasets.items())
+    typer.echo(f"{config}: OK ({sizes}; {len(images)} image files decoded)")
 
 
 @app.command("eval")

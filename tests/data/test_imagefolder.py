@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,15 @@ def make_csv(root: Path, rows: list[tuple[str, str]], header="id_code,diagnosis"
     path = root / "train.csv"
     path.write_text(header + "\n" + "".join(f"{i},{label}\n" for i, label in rows))
     return path
+
+
+def aptos(path: Path) -> dict[str, Any]:
+    """The data section for a CSV written by make_csv."""
+    return {
+        "format": "csv",
+        "train": str(path),
+        "csv": {"image_pattern": "train_images/{image}.png"},
+    }
 
 
 def config(tmp_path: Path, **data: Any) -> Config:
@@ -198,7 +208,7 @@ def test_csv_missing_image_files_are_counted_and_named(tmp_path: Path) -> None:
 def test_unknown_labels_name_the_row_and_the_folder(tmp_path: Path) -> None:
     path = make_csv(tmp_path / "aptos", [("a", "0"), ("b", "7")])
     data = {"format": "csv", "train": str(path), "classes": ["none", "mild"]}
-    assert "train.csv line 3: '7'" in problems(tmp_path, **data)
+    assert f"{path}:3: '7'" in problems(tmp_path, **data)
     train = make_folder(tmp_path / "train", {"a": 1})
     val = make_folder(tmp_path / "val", {"a": 1, "zebra": 1})
     message = problems(tmp_path, train=str(train), val=str(val))
@@ -210,3 +220,26 @@ def test_empty_split(tmp_path: Path) -> None:
     assert "data.train: split is empty" in problems(tmp_path, format="csv", train=str(path))
     train = make_folder(tmp_path / "train", {"a": 1})
     assert "holds out no image" in problems(tmp_path, train=str(train), val_fraction=0.3)
+
+
+def test_csv_id_listed_twice_with_different_labels_names_both_lines(tmp_path: Path) -> None:
+    rows = [("a", "0"), ("b", "1"), ("a", "2"), ("c", "1")]
+    path = make_csv(tmp_path / "aptos", rows)
+    message = problems(tmp_path, **aptos(path))
+    assert "1 problem(s)" in message
+    assert (
+        f"{path}:4: id 'a' is labelled '2' here but '0' at line 2; one image cannot have two labels"
+    ) in message
+
+
+def test_csv_id_repeated_with_the_same_label_is_kept_once_and_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    rows = [("a", "0"), ("b", "1"), ("a", "0"), ("c", "1"), ("b", "1")]
+    path = make_csv(tmp_path / "aptos", rows)
+    with caplog.at_level(logging.WARNING):
+        _, splits = build_splits(config(tmp_path, **aptos(path)), SPEC)
+    assert [r.sample_id for r in splits.train.records] == ["a", "b", "c"]
+    assert splits.train.labels == [0, 1, 1]
+    assert "2 repeated row(s) with the same id and label kept once" in caplog.text
+    assert "id 'a' at lines 2 and 4; id 'b' at lines 3 and 6" in caplog.text

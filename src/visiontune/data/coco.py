@@ -17,9 +17,10 @@ from typing import Any
 
 import numpy as np
 
+from visiontune.data.images import upright_size
 from visiontune.data.labelme import read_json
-from visiontune.data.segmentation import TARGET, Polygon, SegRecord, fill_polygons, image_size
-from visiontune.errors import DataError
+from visiontune.data.segmentation import TARGET, Polygon, SegRecord, fill_polygons
+from visiontune.errors import DataError, ImageError, located
 
 log = logging.getLogger(__name__)
 
@@ -175,9 +176,9 @@ def _check_image(
         return None
     file = folder / str(entry["file_name"])
     try:
-        width, height = image_size(file)
-    except DataError as err:
-        problems.append(f"{source}: image id {entry['id']}: {err}")
+        width, height = upright_size(file)
+    except ImageError as err:
+        problems.append(located(file, f"{err.problem} (image id {entry['id']} of {source})"))
         return None
     declared = (entry.get("width", width), entry.get("height", height))
     if declared != (width, height):

@@ -27,15 +27,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from PIL import Image, UnidentifiedImageError
-
-from visiontune.errors import DataError
+from visiontune.data.images import open_image, upright_size
+from visiontune.errors import DataError, ImageError, located
 
 IMAGE_PLACEHOLDER = "<image>"
 ROLES = {"system", "user", "assistant"}
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user"}
-MAX_LISTED = 20
-_TRANSPOSED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
 
 Point = tuple[float, float]
 Box = tuple[float, float, float, float]
@@ -74,40 +71,50 @@ class Conversation:
     sizes: list[tuple[int, int]] = field(default_factory=list)
 
 
-def read_records(path: Path) -> list[tuple[str, dict[str, Any]]]:
-    """(sample name, record) pairs from a JSON list or a JSONL file.
+def _records(path: Path) -> list[tuple[str, dict[str, Any] | _Problem]]:
+    """(sample name, record or its problem) pairs from a JSON list or a JSONL file, in order.
 
-    The name is the record's `id` when it has one, else `file:line` (JSONL) or `file#index`
-    (JSON), which is what an error message must point the user at.
+    The name is `file:line` (JSONL) or `file[index]` (JSON), plus the record's `id` when it has
+    one: a sample id that does not change when the data moves, which error messages complete
+    to the full path. A line that is not valid JSON is kept
+    as its problem rather than raised, so it cannot hide the problems of the lines after it.
     """
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".jsonl":
-        raw = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if line.strip():
-                raw.append((f"{path.name}:{number}", _parse_json(line, f"{path}:{number}")))
+        raw = [
+            (f"{path.name}:{number}", _parse_json(line))
+            for number, line in enumerate(text.splitlines(), start=1)
+            if line.strip()
+        ]
     else:
-        loaded = _parse_json(text, str(path))
+        loaded = _parse_json(text)
+        if isinstance(loaded, _Problem):
+            raise DataError(located(path, str(loaded)))
         if not isinstance(loaded, list):
-            raise DataError(f"{path}: expected a JSON list of records (or a .jsonl file)")
-        raw = [(f"{path.name}#{index}", record) for index, record in enumerate(loaded)]
-    records = []
-    for name, record in raw:
-        if not isinstance(record, dict):
-            raise DataError(f"{name}: a record must be a JSON object, got {type(record).__name__}")
-        records.append((f"{name} (id {record['id']})" if "id" in record else name, record))
-    if not records:
-        raise DataError(f"{path}: no records")
-    return records
+            raise DataError(located(path, "expected a JSON list of records (or a .jsonl file)"))
+        raw = [(f"{path.name}[{index}]", record) for index, record in enumerate(loaded)]
+    if not raw:
+        raise DataError(located(path, "no records"))
+    return [(_named(name, record), _as_object(record)) for name, record in raw]
 
 
-def _parse_json(text: str, where: str) -> Any:
+def _parse_json(text: str) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as err:
-        raise DataError(f"{where}: not valid JSON: {err}") from None
+        return _Problem(f"not valid JSON: {err}")
+
+
+def _named(name: str, record: Any) -> str:
+    return f"{name} (id {record['id']})" if isinstance(record, dict) and "id" in record else name
+
+
+def _as_object(record: Any) -> dict[str, Any] | _Problem:
+    if isinstance(record, dict | _Problem):
+        return record
+    return _Problem(f"a record must be a JSON object, got {type(record).__name__}")
 
 
 def load_conversations(
@@ -132,13 +139,22 @@ def _load(
     box_format: Literal["xyxy", "xywh"],
 ) -> list[Conversation]:
     """Parse every record, collecting each record's problem instead of stopping at the first."""
-    samples, problems = [], []
-    for name, record in read_records(path):
+    samples: list[tuple[int, Conversation]] = []
+    problems: list[tuple[int, str]] = []
+    for position, (name, record) in enumerate(_records(path)):
+        if isinstance(record, _Problem):
+            problems.append((position, _located(path, name, str(record))))
+            continue
         try:
-            samples.append(parse(name, record, path.parent, box_format))
+            samples.append((position, parse(name, record, path.parent, box_format)))
         except _Problem as problem:
-            problems.append(f"{name}: {problem}")
+            problems.append((position, _located(path, name, str(problem))))
     return _checked(samples, problems, path)
+
+
+def _located(path: Path, name: str, problem: str) -> str:
+    """`<path>:<line> (id ...): <problem>`: the sample's name with the file's full path."""
+    return f"{path.parent / name}: {problem}"
 
 
 class _Problem(Exception):
@@ -250,35 +266,37 @@ def _resolve(root: Path, image: str) -> Path:
     return path if path.is_absolute() else root / path
 
 
-def _checked(samples: list[Conversation], problems: list[str], path: Path) -> list[Conversation]:
-    """Decode every image once (exists, decodes, target inside) and raise all problems at once."""
-    unique = sorted({image for sample in samples for image in sample.images})
+def _checked(
+    samples: list[tuple[int, Conversation]], problems: list[tuple[int, str]], path: Path
+) -> list[Conversation]:
+    """Decode every image once (exists, decodes, target inside) and raise all problems at once,
+    in file order whatever step found them."""
+    unique = sorted({image for _, sample in samples for image in sample.images})
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         probed = dict(zip(unique, pool.map(_probe_or_error, unique), strict=True))
-    for sample in samples:
+    for position, sample in samples:
         results = [probed[image] for image in sample.images]
         errors = [r for r in results if isinstance(r, str)]
         if errors:
-            problems.extend(f"{sample.sample_id}: {error}" for error in errors)
+            problems.extend((position, _located(path, sample.sample_id, e)) for e in errors)
             continue
         sample.sizes = [r for r in results if not isinstance(r, str)]
         if sample.target is not None:
             problem = target_outside(sample.target, sample.sizes[0])
             if problem:
-                problems.append(f"{sample.sample_id}: {problem}")
+                problems.append((position, _located(path, sample.sample_id, problem)))
     if problems:
-        listed = "\n".join(f"  - {p}" for p in problems[:MAX_LISTED])
-        more = len(problems) - MAX_LISTED
-        tail = f"\n  ... and {more} more" if more > 0 else ""
-        raise DataError(f"{path} has {len(problems)} bad sample(s):\n{listed}{tail}")
-    return samples
+        in_order = [problem for _, problem in sorted(problems, key=lambda p: p[0])]
+        raise DataError.listing(in_order, str(path), noun="bad sample(s)")
+    return [sample for _, sample in samples]
 
 
 def _probe_or_error(path: Path) -> tuple[int, int] | str:
+    """The size, or the problem worded for a sample line (`<sample>: <problem>: <image>`)."""
     try:
         return probe_image(path)
-    except DataError as err:
-        return str(err)
+    except ImageError as err:
+        return f"{err.problem}: {err.path}"
 
 
 def probe_image(path: Path) -> tuple[int, int]:
@@ -288,16 +306,9 @@ def probe_image(path: Path) -> tuple[int, int]:
     a truncated file; images shared by several samples are decoded once, in threads, since
     PIL's decoders release the GIL.
     """
-    try:
-        with Image.open(path) as img:
-            img.load()
-            width, height = img.size
-            orientation = img.getexif().get(0x0112)
-    except FileNotFoundError:
-        raise DataError(f"image file not found: {path}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise DataError(f"cannot decode image {path}: {err}") from None
-    return (height, width) if orientation in _TRANSPOSED else (width, height)
+    with open_image(path) as img:
+        img.load()
+    return upright_size(path)
 
 
 def target_outside(target: ClickTarget, size: tuple[int, int]) -> str | None:

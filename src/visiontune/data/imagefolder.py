@@ -9,8 +9,9 @@ Two layouts, chosen by `data.format`:
 Everything that can be checked before training is checked before training, and every problem
 is reported in one error, so a user fixes the config and the data in one round instead of
 discovering one missing file per (expensive) run. Decoding all images up front would take
-minutes on real datasets, so a file that exists but is corrupt is found when it is read: the
-dataset returns `Skipped` and the engine counts it.
+minutes on real datasets, so a file that exists but is corrupt is found when it is read (the
+dataset returns `Skipped` and the engine counts it) or by `visiontune config check`, which does
+spend those minutes.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from visiontune.data.images import (
     normalise,
     to_unit_tensor,
 )
-from visiontune.errors import ConfigError, DataError
+from visiontune.errors import ConfigError, DataError, located
 from visiontune.task import Skipped, Splits
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,10 @@ class ImageClassificationDataset(Dataset):
     def keys(self) -> list[str]:
         """Sample id and label index per sample: what a resumed data position refers to."""
         return [f"{r.sample_id}\t{r.label}" for r in self.records]
+
+    def image_paths(self) -> list[Path]:
+        """The files this split reads, for `config check` to decode."""
+        return [r.path for r in self.records]
 
     def set_epoch(self, epoch: int) -> None:
         """Called by the engine before each epoch: augmentation is drawn per (epoch, index)."""
@@ -233,7 +238,7 @@ def _read_folder(key: str, root: Path, problems: list[str]) -> list[RawEntry]:
         images = sorted(p for p in folder.iterdir() if _is_image(p))
         if not images:
             problems.append(f"{key}: class folder {_abs(folder)} holds no images")
-        where = f"folder {folder.name}/"
+        where = str(folder)
         for image in images:
             rel = f"{folder.name}/{image.name}"
             entries.append(RawEntry(image, folder.name, rel, where))
@@ -261,13 +266,26 @@ def _read_csv(data: DataConfig, key: str, path: Path, problems: list[str]) -> li
         rows = list(reader)
     entries: list[RawEntry] = []
     absent: list[str] = []
+    seen: dict[str, tuple[int, str]] = {}
+    repeated: list[str] = []
     for line, row in enumerate(rows, start=2):
         image = (row[columns.image_column] or "").strip()
+        label = (row[columns.label_column] or "").strip()
+        if image in seen:
+            _repeated_id(path, line, image, label, seen[image], repeated, problems)
+            continue
+        seen[image] = line, label
         image_path = path.parent / columns.image_pattern.format(image=image)
         if not image_path.is_file():
             absent.append(str(image_path.relative_to(path.parent)))
-        label = (row[columns.label_column] or "").strip()
-        entries.append(RawEntry(image_path, label, image, f"{path.name} line {line}"))
+        entries.append(RawEntry(image_path, label, image, f"{path}:{line}"))
+    if repeated:
+        log.warning(
+            "%s: %d repeated row(s) with the same id and label kept once, e.g. %s",
+            path,
+            len(repeated),
+            "; ".join(repeated[:_SHOWN]),
+        )
     if absent:
         problems.append(
             f"{key}: {len(absent)} of {len(rows)} image files listed in {path.name} are missing "
@@ -275,6 +293,34 @@ def _read_csv(data: DataConfig, key: str, path: Path, problems: list[str]) -> li
             f"{columns.image_pattern!r}), e.g. {absent[:_SHOWN]}"
         )
     return entries
+
+
+def _repeated_id(
+    path: Path,
+    line: int,
+    image: str,
+    label: str,
+    first: tuple[int, str],
+    repeated: list[str],
+    problems: list[str],
+) -> None:
+    """A second row for an id: harmless when it repeats the label, a contradiction otherwise.
+
+    A contradiction is an error rather than a "last row wins": training on whichever label
+    came last would teach the model a grade nobody checked.
+    """
+    first_line, first_label = first
+    if label == first_label:
+        repeated.append(f"id {image!r} at lines {first_line} and {line}")
+        return
+    problems.append(
+        located(
+            path,
+            f"id {image!r} is labelled {label!r} here but {first_label!r} at line "
+            f"{first_line}; one image cannot have two labels",
+            line,
+        )
+    )
 
 
 def _class_names(data: DataConfig, train: list[RawEntry]) -> list[str]:

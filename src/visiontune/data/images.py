@@ -3,14 +3,17 @@
 Every image goes through the same steps at train, eval and predict time: decode (EXIF rotation
 applied, converted to RGB so that greyscale, palette and RGBA files all give three channels),
 pad to square (a fundus or a document is not stretched into a different shape), resize, scale
-to [0, 1] and normalise. A file PIL cannot decode raises DataError naming the file, so the
-caller decides whether to stop (up-front checks, predict) or skip and count (mid-training).
+to [0, 1] and normalise. A file PIL cannot decode (or refuses as a decompression bomb) raises
+ImageError naming the file, so the caller decides whether to stop (up-front checks, predict) or
+skip and count (mid-training).
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,11 +23,13 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from visiontune.config.schema import Config
-from visiontune.errors import DataError
+from visiontune.errors import ImageError
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
+SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I"})  # how PIL opens 16-bit grey
+_TRANSPOSED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
 
 
 @dataclass(frozen=True)
@@ -37,21 +42,60 @@ class ImageSpec:
     pad_to_square: bool = True
 
 
+@contextmanager
+def open_image(path: Path) -> Iterator[Image.Image]:
+    """`Image.open` whose every failure is an ImageError naming the file.
+
+    Besides unreadable files this covers PIL's decompression-bomb guard: a header claiming
+    more than twice `Image.MAX_IMAGE_PIXELS` raises DecompressionBombError, which is not an
+    OSError and would otherwise escape as a raw traceback that names no file (the warning
+    between one and two times the limit is caught too, for runs that turn warnings into errors).
+    """
+    try:
+        with Image.open(path) as img:
+            yield img
+    except FileNotFoundError:
+        raise ImageError(path, "image file not found") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ImageError(path, f"refused as a decompression bomb ({err})") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise ImageError(path, f"cannot decode image ({err})") from None
+
+
 def decode_image(path: Path) -> Image.Image:
-    """Open `path` fully (not lazily) as an upright RGB image; DataError if it cannot be read.
+    """Open `path` fully (not lazily) as an upright RGB image; ImageError if it cannot be read.
 
     `load()` forces the whole file to be decoded here, so a truncated file fails now, naming
     the file, instead of later inside a resize with an anonymous "image file is truncated".
     """
-    try:
-        with Image.open(path) as img:
-            img.load()
-            upright = ImageOps.exif_transpose(img)
-            return upright.convert("RGB")
-    except FileNotFoundError:
-        raise DataError(f"image file not found: {path}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise DataError(f"cannot decode image {path}: {err}") from None
+    with open_image(path) as img:
+        img.load()
+        upright = ImageOps.exif_transpose(img)
+        return to_eight_bits(upright).convert("RGB")
+
+
+def to_eight_bits(img: Image.Image) -> Image.Image:
+    """A 16-bit greyscale image scaled to 8 bits by its bit depth (65535 -> 255).
+
+    PIL's own `convert("RGB")` clips such an image at 255, so a CT slice or an X-ray whose
+    values live in 0..65535 would come out almost entirely white.
+    """
+    if img.mode not in SIXTEEN_BIT_MODES:
+        return img
+    values = np.asarray(img, dtype=np.float64).clip(0, 65535)
+    return Image.fromarray(np.round(values * (255 / 65535)).astype(np.uint8))
+
+
+def upright_size(path: Path) -> tuple[int, int]:
+    """(width, height) as the image is displayed (EXIF rotation applied), from the header alone.
+
+    Annotations are drawn on the displayed image and `decode_image` applies the rotation, so a
+    size read without it would clip a portrait photo's polygons to its landscape raw frame.
+    """
+    with open_image(path) as img:
+        width, height = img.size
+        orientation = img.getexif().get(0x0112)
+    return (height, width) if orientation in _TRANSPOSED else (width, height)
 
 
 def pad_to_square(img: Image.Image) -> Image.Image:

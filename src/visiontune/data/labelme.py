@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from visiontune.data.images import IMAGE_SUFFIXES
+from visiontune.data.images import IMAGE_SUFFIXES, upright_size
 from visiontune.data.segmentation import (
     IGNORE,
     SHARED,
@@ -25,7 +25,6 @@ from visiontune.data.segmentation import (
     Polygon,
     PolygonMasks,
     SegRecord,
-    image_size,
 )
 from visiontune.errors import DataError
 
@@ -104,7 +103,7 @@ def _read_one(
     if not isinstance(data, dict):
         raise DataError(f"{path}: expected a JSON object with `shapes`")
     image = _sibling_image(path)
-    width, height = image_size(image)
+    width, height = upright_size(image)
     texts = _texts(path, data, need_text)
     shapes = data.get("shapes")
     if not isinstance(shapes, list):

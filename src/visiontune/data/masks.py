@@ -11,11 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from visiontune.data.images import IMAGE_SUFFIXES
-from visiontune.data.segmentation import IGNORE, TARGET, SegRecord, image_size
-from visiontune.errors import DataError
+from visiontune.data.images import IMAGE_SUFFIXES, open_image, upright_size
+from visiontune.data.segmentation import IGNORE, TARGET, SegRecord
+from visiontune.errors import DataError, located
 
 
 @dataclass
@@ -38,16 +37,11 @@ class PngMasks:
         return [self._with_ignore((values == v).astype(np.uint8) * TARGET, ignore) for v in ids]
 
     def _read(self) -> np.ndarray:
-        try:
-            with Image.open(self.path) as img:
-                img.load()
-                if img.mode not in ("L", "P", "I", "I;16", "1"):
-                    img = img.convert("L")
-                return np.asarray(img).astype(np.int64)
-        except FileNotFoundError:
-            raise DataError(f"mask file not found: {self.path}") from None
-        except (OSError, SyntaxError, ValueError) as err:
-            raise DataError(f"cannot decode mask {self.path}: {err}") from None
+        with open_image(self.path) as img:
+            img.load()
+            if img.mode not in ("L", "P", "I", "I;16", "1"):
+                img = img.convert("L")
+            return np.asarray(img).astype(np.int64)
 
     @staticmethod
     def _with_ignore(mask: np.ndarray, ignore: np.ndarray | None) -> np.ndarray:
@@ -80,18 +74,20 @@ def read_mask_folder(
         name = image.relative_to(images).with_suffix("")
         mask = masks / name.with_suffix(".png")
         if not mask.is_file():
-            problems.append(f"{key}: no mask {mask} for image {image}")
+            problems.append(located(image, f"no mask for it (looked for {mask})"))
             continue
         try:
-            width, height = image_size(image)
-            mask_size = image_size(mask)
+            width, height = upright_size(image)
+            mask_size = upright_size(mask)
         except DataError as err:
-            problems.append(f"{key}: {err}")
+            problems.append(str(err))
             continue
         if mask_size != (width, height):
             problems.append(
-                f"{key}: mask {mask} is {mask_size[0]}x{mask_size[1]} but image {image} is "
-                f"{width}x{height}"
+                located(
+                    image,
+                    f"mask {mask} is {mask_size[0]}x{mask_size[1]} but image is {width}x{height}",
+                )
             )
             continue
         records.append(

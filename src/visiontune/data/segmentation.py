@@ -34,16 +34,12 @@ log = logging.getLogger(__name__)
 TARGET = 1
 IGNORE = 255
 SHARED = -1  # instance id of ignore polygons: they apply to every instance of an image
-SHOWN = 8  # problems listed in one error message
 
 
 def raise_problems(problems: list[str], what: str) -> None:
-    """One DataError listing every problem found (the first SHOWN), so a user fixes all at once."""
-    if not problems:
-        return
-    listed = "\n".join(f"  - {p}" for p in problems[:SHOWN])
-    more = f"\n  ... and {len(problems) - SHOWN} more" if len(problems) > SHOWN else ""
-    raise DataError(f"{what}: {len(problems)} problem(s):\n{listed}{more}")
+    """One DataError listing every problem found, so a user fixes all of them at once."""
+    if problems:
+        raise DataError.listing(problems, what)
 
 
 class MaskSource(Protocol):
@@ -102,17 +98,6 @@ class SegRecord:
     masks: MaskSource
     texts: list[str] = field(default_factory=list)
     is_sentence: bool = False
-
-
-def image_size(path: Path) -> tuple[int, int]:
-    """(width, height) from the file header alone; DataError naming the file if unreadable."""
-    try:
-        with Image.open(path) as img:
-            return img.size
-    except FileNotFoundError:
-        raise DataError(f"image file not found: {path}") from None
-    except (OSError, SyntaxError, ValueError) as err:
-        raise DataError(f"cannot read image {path}: {err}") from None
 
 
 @dataclass(frozen=True)
@@ -215,6 +200,10 @@ class SegmentationDataset(Dataset):
     def augmented(self) -> bool:
         """Random augmentation changes the pixels, so cached frozen features cannot be reused."""
         return self.pipeline is not None
+
+    def image_paths(self) -> list[Path]:
+        """The images this split reads, for `config check` to decode."""
+        return [r.image for r in self.records]
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
