@@ -18,13 +18,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from visiontune.config.load import dump_yaml, load_config
-from visiontune.config.schema import Config
+from visiontune.config.schema import Config, parse_duration
 from visiontune.engine import checkpoint as ckpt
 from visiontune.engine import state as st
 from visiontune.engine.loop import Loop
 from visiontune.engine.runner import Runner
 from visiontune.engine.state import TrainState
-from visiontune.engine.stop import EXIT_RESUMABLE
+from visiontune.engine.stop import EXIT_RESUMABLE, StopRequest
 from visiontune.errors import VisiontuneError
 from visiontune.models.lora import check_trainable_share
 from visiontune.runs import ledger
@@ -68,44 +68,71 @@ def seed_everything(seed: int) -> None:
 def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> TrainResult:
     """Train as `cfg` says into `cfg.run_dir`; with `resume`, continue its latest checkpoint.
 
-    A failure after the run directory exists is recorded (train.log, summary.json with status
-    `failed` and the message, the ledger) before it propagates.
+    SIGTERM/SIGUSR1 are caught from the first moment to the last: a signal during set-up ends
+    the run before training (exit 75, nothing to save yet), one after the last step saves and
+    exits 75. A failure after the run directory exists is recorded (train.log, summary.json
+    with status `failed` and the message, the ledger) before it propagates.
     """
     started = time.monotonic()
-    run = RunDir.prepare(cfg.run_dir, resume=resume, overwrite=overwrite)
-    setup_logging(run.log)
-    if not resume:
-        for earlier in ledger.earlier_runs(cfg):
-            best = earlier["best"]
-            log.warning(
-                "these exact settings already ran as %s (%s, best %s %s): see visiontune runs",
-                earlier["run_dir"], earlier["status"], best["metric"], best["value"],
-            )  # fmt: skip
-    state = TrainState()
-    adapter: ModelAdapter | None = None
-    try:
-        seed_everything(cfg.train.seed)
-        task = make_task(cfg)
-        splits = task.datasets()
-        adapter = build_adapter(task, cfg, run, report=True)
-        run.config.write_text(dump_yaml(resolved_config(task, cfg)))
-        loop = Loop(cfg, task, Runner(cfg, adapter), splits, run, started=started)
-        state = loop.state
-        start_from(loop, cfg, run, resume)
-        state = loop.run()
-    except Exception as err:
-        log.exception("training failed at step %d: %s", state.step, err)
-        state.stop_reason = "failed"
+    limit = parse_duration(cfg.train.time_limit) if cfg.train.time_limit else None
+    with StopRequest(limit) as stop:
+        run = RunDir.prepare(cfg.run_dir, resume=resume, overwrite=overwrite)
+        setup_logging(run.log)
+        if not resume:
+            warn_repeated_settings(cfg)
+        loop: Loop | None = None
+        try:
+            loop = prepare_loop(cfg, run, resume, stop)
+            if loop is None:
+                state = TrainState(stop_reason=stop.requested() or "time_limit")
+                log.warning("stopping before training (%s): nothing to save", state.stop_reason)
+            else:
+                state = loop.run()
+        except Exception as err:
+            state = loop.state if loop is not None else TrainState()
+            log.exception("training failed at step %d: %s", state.step, err)
+            state.stop_reason = "failed"
+            adapter = loop.runner.adapter if loop is not None else None
+            summary = write_summary(run, cfg, state, adapter, time.monotonic() - started)
+            summary["error"] = f"{type(err).__name__}: {err}"
+            run.write_json(run.summary, summary)
+            ledger.record(cfg, summary)
+            raise
+        if loop is not None:
+            plot_training(run, cfg.train.max_grad_norm)
+        adapter = loop.runner.adapter if loop is not None else None
         summary = write_summary(run, cfg, state, adapter, time.monotonic() - started)
-        summary["error"] = f"{type(err).__name__}: {err}"
-        run.write_json(run.summary, summary)
         ledger.record(cfg, summary)
-        raise
-    plot_training(run, cfg.train.max_grad_norm)
-    summary = write_summary(run, cfg, state, adapter, time.monotonic() - started)
-    ledger.record(cfg, summary)
-    log.info("run directory: %s", run.root.resolve())
-    return TrainResult(run.root, state, summary)
+        log.info("run directory: %s", run.root.resolve())
+        return TrainResult(run.root, state, summary)
+
+
+def warn_repeated_settings(cfg: Config) -> None:
+    for earlier in ledger.earlier_runs(cfg):
+        best = earlier["best"]
+        log.warning(
+            "these exact settings already ran as %s (%s, best %s %s): see visiontune runs",
+            earlier["run_dir"], earlier["status"], best["metric"], best["value"],
+        )  # fmt: skip
+
+
+def prepare_loop(cfg: Config, run: RunDir, resume: bool, stop: StopRequest) -> Loop | None:
+    """Data, adapter and loop, resumed or initialised; None when a stop came during set-up
+    (checked after each slow phase, and the time limit once set-up is done)."""
+    seed_everything(cfg.train.seed)
+    task = make_task(cfg)
+    splits = task.datasets()
+    if stop.requested():
+        return None
+    adapter = build_adapter(task, cfg, run, report=True)
+    if stop.requested():
+        return None
+    run.config.write_text(dump_yaml(resolved_config(task, cfg)))
+    loop = Loop(cfg, task, Runner(cfg, adapter), splits, run, stop)
+    start_from(loop, cfg, run, resume)
+    if stop.requested() or stop.reason(0.0):
+        return None
+    return loop
 
 
 def start_from(loop: Loop, cfg: Config, run: RunDir, resume: bool) -> None:

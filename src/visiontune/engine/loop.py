@@ -54,7 +54,7 @@ class Loop:
         runner: Runner,
         splits: Splits,
         run: RunDir,
-        started: float | None = None,
+        stop: StopRequest | None = None,
     ) -> None:
         self.cfg, self.task, self.runner, self.splits, self.rundir = cfg, task, runner, splits, run
         self.device = runner.device
@@ -76,7 +76,8 @@ class Loop:
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule, self.total_steps)
         self.state = TrainState()
         limit = parse_duration(cfg.train.time_limit) if cfg.train.time_limit else None
-        self.stop = StopRequest(limit, started)
+        self.stop = stop or StopRequest(limit)
+        self._owns_stop = stop is None  # a caller's StopRequest covers set-up and the end too
         self.early = EarlyStopping(
             cfg.eval.mode, cfg.eval.patience, cfg.eval.min_delta, cfg.train.min_steps
         )
@@ -97,7 +98,8 @@ class Loop:
             self.cfg.train.micro_batch_size, self.cfg.train.grad_accum_steps,
             self.device, self.runner.precision.name,
         )  # fmt: skip
-        self.stop.install()
+        if self._owns_stop:
+            self.stop.install()
         self.runner.train_mode()  # once: evaluation restores it, and it walks every module
         anomaly = (
             torch.autograd.detect_anomaly() if self.cfg.train.detect_anomaly else nullcontext()
@@ -120,13 +122,20 @@ class Loop:
                     if self.after_step():
                         break
             if self.state.stop_reason is None:
-                self.state.stop_reason = "completed"
+                # a signal after the last step: save and exit resumable; the next job finishes
+                self.state.stop_reason = self.stop.requested() or "completed"
             if not self.state.stop_reason.startswith(("signal", "time_limit")):
                 self.finish()
+                if self.stop.requested():
+                    log.warning(
+                        "%s arrived during the final evaluation or save; the run is complete",
+                        self.stop.requested(),
+                    )
             elif self._saved_step != self.state.step:
                 self.save_checkpoint()
         finally:
-            self.stop.uninstall()
+            if self._owns_stop:
+                self.stop.uninstall()
             if self.tracker:
                 self.tracker.close()
         return self.state
@@ -236,9 +245,8 @@ class Loop:
         every_eval = self.cfg.eval.every_steps
         eval_due = bool(every_eval) and step % every_eval == 0  # type: ignore[operator]
         eval_next = bool(every_eval) and (step + 1) % every_eval == 0  # type: ignore[operator]
-        margin = self._step_seconds + self._save_seconds
-        margin += self._eval_seconds * (int(eval_due) + int(eval_next))
-        reason = self.stop.reason(margin)
+        margin = 2 * self._step_seconds + self._save_seconds
+        reason = self.stop.reason(margin, self._eval_seconds * (int(eval_due) + int(eval_next)))
         if reason is None:
             if eval_due:
                 self.evaluate()

@@ -19,8 +19,10 @@ log = logging.getLogger(LOGGER)
 
 
 def write_summary(
-    run: RunDir, cfg: Config, state: TrainState, model: nn.Module, wall_time_s: float
+    run: RunDir, cfg: Config, state: TrainState, model: nn.Module | None, wall_time_s: float
 ) -> dict[str, Any]:
+    """The end of the story; `model` is None when the run stopped or failed before it had one."""
+    params = list(model.parameters()) if model is not None else []
     steps = read_jsonl(run.metrics)
     speeds = [r["samples_per_s"] for r in steps[1:]] or [r["samples_per_s"] for r in steps]
     verdicts = state.acceptance
@@ -28,6 +30,7 @@ def write_summary(
         "run_dir": str(run.root.resolve()),
         "status": state.stop_reason,
         "steps": state.step,
+        "updates_applied": state.updates_applied,
         "epochs": steps[-1]["epoch"] if steps else 0.0,
         "samples_seen": state.samples_seen,
         "skipped_samples": state.skipped_samples,
@@ -35,8 +38,8 @@ def write_summary(
         "last_eval": state.last_eval,
         "acceptance": verdicts,
         "accepted": all(v["passed"] for v in verdicts.values()) if verdicts else None,
-        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "total_params": sum(p.numel() for p in model.parameters()),
+        "trainable_params": sum(p.numel() for p in params if p.requires_grad),
+        "total_params": sum(p.numel() for p in params),
         "mean_samples_per_s": sum(speeds) / len(speeds) if speeds else None,
         "peak_memory_mb": max((r["peak_memory_mb"] for r in steps), default=None),
         "wall_time_s": round(wall_time_s, 2),

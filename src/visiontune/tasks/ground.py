@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from dataclasses import replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from transformers import AutoConfig, PretrainedConfig
 from visiontune.config.schema import Config, GroundTaskConfig
 from visiontune.data.conversations import (
     IMAGE_PLACEHOLDER,
+    ClickTarget,
     Conversation,
     load_conversations,
     load_grounding,
@@ -148,8 +150,45 @@ class GroundTask:
             conversations = load_grounding(path, self.options.box_format)
         else:
             conversations = load_conversations(path, self.options.box_format)
+        if self.cfg.data.format == "conversations":
+            conversations = self._answers_in_codec(path, conversations)
         samples = [self._prepare(c) for c in conversations]
         return self._drop_too_long(split, path, samples)
+
+    def _answers_in_codec(
+        self, path: Path, conversations: list[Conversation]
+    ) -> list[Conversation]:
+        """Conversation answers must be written in the model's coordinate convention.
+
+        Data written in screenshot pixels (common in GUI sets) would train one convention and
+        be scored in another, so a disagreement with a `bbox`/`point` target is an error naming
+        every sample. An answer-only conversation gets its target parsed from the answer, so
+        it is scored (distance; click accuracy needs a box).
+        """
+        problems, out = [], []
+        for conversation in conversations:
+            answer = conversation.messages[-1]["content"]
+            size = conversation.sizes[0] if conversation.sizes else None
+            target = conversation.target
+            if target is not None and size is not None:
+                spot = target.box if target.box is not None else target.point
+                assert spot is not None
+                problem = self.codec.check_answer(answer, spot, size)
+                if problem:
+                    problems.append(f"{conversation.sample_id}: {problem}")
+            elif target is None and len(conversation.sizes) == 1 and size is not None:
+                point = self.codec.target_from_answer(answer, size)
+                if point is not None:
+                    conversation = replace(conversation, target=ClickTarget(point=point))
+            out.append(conversation)
+        if problems:
+            shown = "\n  ".join(problems[:10])
+            more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+            raise DataError(
+                f"{path}: {len(problems)} answer(s) disagree with the {self.codec.system} "
+                f"coordinates of {self.model_type} (see task.coordinates):\n  {shown}{more}"
+            )
+        return out
 
     def _prepare(self, conversation: Conversation) -> GroundSample:
         """Write the grounding answer in the model's coordinates and render the chat texts."""
