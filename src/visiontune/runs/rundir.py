@@ -91,15 +91,7 @@ class RunDir:
         release_run(self.root)
 
     def append_jsonl(self, path: Path, record: dict[str, Any]) -> None:
-        """Append one strict-JSON line (NaN and infinities become null).
-
-        A line torn by a full disk or a kill is repaired first, so the new record never glues
-        onto it and turns a skippable torn last line into a corrupt middle one.
-        """
-        line = json.dumps(_finite(record), allow_nan=False) + "\n"
-        _repair_torn_tail(path)
-        with path.open("a") as fh:
-            fh.write(line)
+        append_jsonl(path, record)
 
     def write_json(self, path: Path, record: dict[str, Any]) -> None:
         """Strict JSON, replaced atomically: a kill mid-write keeps the previous version."""
@@ -178,6 +170,18 @@ def _holder(path: Path) -> str:
         return f"pid {holder['pid']} on host {holder['host']} (since {since})"
     except (OSError, ValueError, KeyError, TypeError):
         return "another process (it has not recorded its pid yet)"
+
+
+def append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    """Append one strict-JSON line (NaN and infinities become null).
+
+    A line torn by a full disk or a kill is repaired first, so the new record never glues
+    onto it and turns a skippable torn last line into a corrupt middle one.
+    """
+    line = json.dumps(_finite(record), allow_nan=False) + "\n"
+    _repair_torn_tail(path)
+    with path.open("a") as fh:
+        fh.write(line)
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
