@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
 from visiontune.config.load import dump_yaml, load_config
 from visiontune.config.schema import Config, parse_duration
@@ -77,34 +76,44 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> TrainRe
     limit = parse_duration(cfg.train.time_limit) if cfg.train.time_limit else None
     with StopRequest(limit) as stop:
         run = RunDir.prepare(cfg.run_dir, resume=resume, overwrite=overwrite)
-        setup_logging(run.log)
-        if not resume:
-            warn_repeated_settings(cfg)
-        loop: Loop | None = None
         try:
-            loop = prepare_loop(cfg, run, resume, stop)
-            if loop is None:
-                state = TrainState(stop_reason=stop.requested() or "time_limit")
-                log.warning("stopping before training (%s): nothing to save", state.stop_reason)
-            else:
-                state = loop.run()
-        except Exception as err:
-            state = loop.state if loop is not None else TrainState()
-            log.exception("training failed at step %d: %s", state.step, err)
-            state.stop_reason = "failed"
-            adapter = loop.runner.adapter if loop is not None else None
-            summary = write_summary(run, cfg, state, adapter, time.monotonic() - started)
-            summary["error"] = f"{type(err).__name__}: {err}"
-            run.write_json(run.summary, summary)
-            ledger.record(cfg, summary)
-            raise
-        if loop is not None:
-            plot_training(run, cfg.train.max_grad_norm)
+            return train_in(run, cfg, resume, stop, started)
+        finally:
+            run.release()
+
+
+def train_in(
+    run: RunDir, cfg: Config, resume: bool, stop: StopRequest, started: float
+) -> TrainResult:
+    """The run of `train` inside its locked run directory."""
+    setup_logging(run.log)
+    if not resume:
+        warn_repeated_settings(cfg)
+    loop: Loop | None = None
+    try:
+        loop = prepare_loop(cfg, run, resume, stop)
+        if loop is None:
+            state = TrainState(stop_reason=stop.requested() or "time_limit")
+            log.warning("stopping before training (%s): nothing to save", state.stop_reason)
+        else:
+            state = loop.run()
+    except Exception as err:
+        state = loop.state if loop is not None else TrainState()
+        log.exception("training failed at step %d: %s", state.step, err)
+        state.stop_reason = "failed"
         adapter = loop.runner.adapter if loop is not None else None
         summary = write_summary(run, cfg, state, adapter, time.monotonic() - started)
+        summary["error"] = f"{type(err).__name__}: {err}"
+        run.write_json(run.summary, summary)
         ledger.record(cfg, summary)
-        log.info("run directory: %s", run.root.resolve())
-        return TrainResult(run.root, state, summary)
+        raise
+    if loop is not None:
+        plot_training(run, cfg.train.max_grad_norm)
+    adapter = loop.runner.adapter if loop is not None else None
+    summary = write_summary(run, cfg, state, adapter, time.monotonic() - started)
+    ledger.record(cfg, summary)
+    log.info("run directory: %s", run.root.resolve())
+    return TrainResult(run.root, state, summary)
 
 
 def warn_repeated_settings(cfg: Config) -> None:
@@ -144,9 +153,11 @@ def start_from(loop: Loop, cfg: Config, run: RunDir, resume: bool) -> None:
     latest = ckpt.latest_complete(run.checkpoints) if resume else None
     if latest is not None:
         loop.resume_from(latest)
+        run.truncate_records(loop.state.step)
         return
     if resume:
         log.warning("--resume: no complete checkpoint in %s; starting from step 0", run.root)
+        run.truncate_records(0)
     if cfg.init_from is not None:
         source, label = weights_dir(cfg.init_from)
         st.load_weights(loop.runner.adapter, source)
@@ -180,9 +191,9 @@ def build_adapter(task: Task, cfg: Config, run: RunDir, report: bool = False) ->
             n: p.detach().contiguous() for n, p in adapter.named_parameters() if not p.requires_grad
         }
         if run.base_weights.is_file():
-            adapter.load_state_dict(load_file(str(run.base_weights)), strict=False)
+            adapter.load_state_dict(ckpt.read_base_weights(run.base_weights), strict=False)
         elif frozen:
-            save_file(frozen, str(run.base_weights))
+            ckpt.write_base_weights(frozen, run.base_weights)
     return adapter
 
 
@@ -194,10 +205,11 @@ def weights_dir(path: Path) -> tuple[Path, str]:
         return path, path.name
     best = path / "best"
     if (best / st.WEIGHTS).is_file():
-        if ckpt.is_complete(best):
+        damage = ckpt.verify(best)
+        if damage is None:
             manifest = st.read_manifest(best) or {}
             return best, f"best (step {manifest.get('step')})"
-        log.warning("%s is damaged (its files do not match its manifest): not used", best)
+        log.warning("%s is damaged (%s): not used", best, damage)
     latest = ckpt.latest_complete(path / "checkpoints")
     if latest is not None:
         label = f"latest checkpoint {latest.name} (no usable best/)"

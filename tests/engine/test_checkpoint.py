@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from visiontune.engine import checkpoint as ckpt
+from visiontune.errors import VisiontuneError
 
 
 def fill_with(text: str):

@@ -23,6 +23,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
+
+from visiontune.errors import VisiontuneError
 
 MANIFEST = "manifest.json"
 STEP_PREFIX = "step-"

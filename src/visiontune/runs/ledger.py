@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from visiontune.config.load import flat_settings
 from visiontune.config.schema import Config
+from visiontune.runs.rundir import append_jsonl, read_jsonl
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -40,10 +41,7 @@ def experiment_id(cfg: Config) -> str:
 
 
 def read(output_dir: Path) -> list[dict[str, Any]]:
-    path = Path(output_dir) / LEDGER
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_jsonl(Path(output_dir) / LEDGER)
 
 
 def earlier_runs(cfg: Config) -> list[dict[str, Any]]:
@@ -64,8 +62,7 @@ def record(cfg: Config, summary: dict[str, Any]) -> None:
         "accepted": summary["accepted"],
         "settings": settings(cfg),
     }
-    with (Path(cfg.output_dir) / LEDGER).open("a") as fh:
-        fh.write(json.dumps(entry) + "\n")
+    append_jsonl(Path(cfg.output_dir) / LEDGER, entry)
 
 
 @dataclass(frozen=True)
