@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # multi-GB CUDA build; GPU users install their own torch before `make` (see README).
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test gpu-test lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ test: $(VENV)/.installed-test
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
+
+# On a GPU machine: every task's tiny model in bf16 and fp16, eval, predict, resume, peak memory.
+gpu-test: $(VENV)/.installed-test
+	$(BIN)/python -m pytest -m gpu -v -s tests/gpu
 
 bench: $(VENV)/.installed-test
 	$(BIN)/python bench/classify_throughput.py
