@@ -131,14 +131,22 @@ def trainable_report(model: nn.Module, prefix: str = "") -> list[TrainableRow]:
     return [TrainableRow(prefix + k, trainable[k], total[k]) for k in total]
 
 
-def check_trainable_share(rows: list[TrainableRow], lora_enabled: bool) -> str | None:
-    """A warning when the trainable share is implausible for the chosen method."""
+def check_trainable_share(
+    rows: list[TrainableRow], lora_enabled: bool, min_params: int = 10_000_000
+) -> str | None:
+    """A warning when the trainable share is implausible for the chosen method.
+
+    Models under `min_params` are exempt from the share rule: in the tiny in-process models of
+    the demos a mask decoder or a projector is naturally half the model, and what the warning
+    guards against (a fully trained module eating the memory LoRA was meant to save) cannot
+    happen at that size.
+    """
     trainable = sum(r.trainable for r in rows)
     total = sum(r.total for r in rows) or 1
     share = trainable / total
     if trainable == 0:
         return "no parameter is trainable: check lora.targets and lora.modules_to_save"
-    if lora_enabled and share > 0.5:
+    if lora_enabled and share > 0.5 and total >= min_params:
         return (
             f"{share:.0%} of parameters are trainable, implausible for LoRA: a fully trained "
             "module (modules_to_save) may be larger than intended"
