@@ -12,7 +12,7 @@ from transformers import AutoModelForImageClassification
 from visiontune.config.schema import Config
 from visiontune.errors import ConfigError
 from visiontune.models.load import DTYPES, enable_checkpointing, load_model
-from visiontune.models.lora import apply_lora, merged, trainable_report
+from visiontune.models.lora import apply_lora, merged, trainable_report, unwrap
 from visiontune.task import ModelAdapter, Outputs, TrainableRow
 
 _HEAD_NAMES = ("classifier", "head", "fc", "score")
@@ -30,11 +30,11 @@ class ClassifierAdapter(ModelAdapter):
             id2label=dict(enumerate(classes)),
             label2id={name: i for i, name in enumerate(classes)},
         )
-        if cfg.model.gradient_checkpointing:
-            enable_checkpointing(model)
         lora = cfg.lora
         heads = head_modules(model, required=lora.enabled and lora.modules_to_save == "auto")
         self.model = apply_lora(model, lora, heads)
+        if cfg.model.gradient_checkpointing:
+            enable_checkpointing(unwrap(self.model))
         self.base_model_id = cfg.model.name_or_path
         self.input_dtype = DTYPES[cfg.model.dtype]
 

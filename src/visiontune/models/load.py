@@ -63,7 +63,8 @@ def enable_checkpointing(model: torch.nn.Module, key: str = "model.gradient_chec
     transformers enables `enable_input_require_grads()` with checkpointing, which hooks the
     input embedding of *every* sub-model: the frozen vision tower of a VLM then records autograd
     and is recomputed and back-propagated for nothing. Non-reentrant checkpointing reaches
-    LoRA inside checkpointed blocks without any input requiring grad, so the hooks go.
+    LoRA inside checkpointed blocks without any input requiring grad, so the hooks go. Call it
+    after PEFT wrapping: PEFT adds the same hooks when it wraps a checkpointing model.
     """
     if not getattr(model, "supports_gradient_checkpointing", False):
         raise ConfigError([f"{key}: {type(model).__name__} does not support it"])

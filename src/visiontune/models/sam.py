@@ -89,9 +89,9 @@ class SamAdapter(ModelAdapter):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.train.seed)  # an inline random init is the same every build
             sam = load_sam(cfg)
-        if cfg.model.gradient_checkpointing:
-            enable_checkpointing(sam)
         self.model = apply_sam_lora(sam, cfg.lora, options)
+        if cfg.model.gradient_checkpointing:
+            enable_checkpointing(self.sam)
         self.base_model_id = cfg.model.name_or_path
         self.frame = int(self.sam.config.vision_config.image_size)
         self.cache = self._cache(cache, cache_dir)

@@ -11,7 +11,7 @@ from transformers import AutoModelForImageTextToText
 
 from visiontune.config.schema import Config, GroundTaskConfig
 from visiontune.models.load import enable_checkpointing, load_model
-from visiontune.models.lora import apply_lora, merged, resolve_targets, trainable_report
+from visiontune.models.lora import apply_lora, merged, resolve_targets, trainable_report, unwrap
 from visiontune.models.qwen_vl import IGNORE_INDEX, submodule_name
 from visiontune.task import ModelAdapter, Outputs, TrainableRow
 
@@ -24,10 +24,10 @@ class VisionLanguageAdapter(ModelAdapter):
     def __init__(self, cfg: Config, options: GroundTaskConfig) -> None:
         super().__init__()
         model = load_model(AutoModelForImageTextToText, cfg.model)
-        if cfg.model.gradient_checkpointing:
-            enable_checkpointing(model)
         self.base_model_id = cfg.model.name_or_path
         self.model = self._with_lora(model, cfg, options)
+        if cfg.model.gradient_checkpointing:
+            enable_checkpointing(unwrap(self.model))
 
     @staticmethod
     def _with_lora(model: nn.Module, cfg: Config, options: GroundTaskConfig) -> nn.Module:
