@@ -13,6 +13,7 @@ from tests.segment.builders import TINY_YAML
 from visiontune import api
 from visiontune.config.load import load_config
 from visiontune.engine.runner import Runner
+from visiontune.runs.rundir import read_jsonl
 from visiontune.tasks.segment import SegmentTask
 
 
@@ -31,6 +32,12 @@ def test_short_training_beats_untrained_then_eval_and_predict(
     untrained = Runner(cfg, task.adapter()).evaluate(task, task.datasets().val).scalars["giou"]
 
     result = api.train(cfg)
+    spec = cfg.task.loss
+    for record in read_jsonl(result.run_dir / "metrics.jsonl"):  # the loss parts are logged
+        parts = spec.mask_weight * record["loss.mask_loss"]
+        parts += spec.dice_weight * record["loss.dice_loss"]
+        parts += spec.lm_weight * record.get("loss.lm_loss", 0.0)
+        assert record["loss"] == pytest.approx(parts, rel=1e-4)
     trained = result.state.best_metric
     assert trained is not None
     assert trained >= untrained + 0.1, (untrained, trained)
