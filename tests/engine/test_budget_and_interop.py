@@ -11,7 +11,7 @@ from transformers import AutoConfig, AutoModelForImageClassification
 
 from tests.conftest import TINY_VIT, tiny_config
 from visiontune import api
-from visiontune.engine.loop import train_indices
+from visiontune.engine.order import train_indices
 
 
 def test_early_stopping_waits_for_min_steps(image_data: Path, tmp_path: Path) -> None:

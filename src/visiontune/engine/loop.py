@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import resource
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
@@ -32,8 +31,8 @@ from visiontune.config.schema import Config, parse_duration
 from visiontune.engine import checkpoint as ckpt
 from visiontune.engine import state as st
 from visiontune.engine.optim import build_optimizer, build_scheduler
-from visiontune.engine.order import DataOrder
-from visiontune.engine.runner import Runner
+from visiontune.engine.order import DataOrder, sample_lengths, train_indices
+from visiontune.engine.runner import Runner, peak_memory_mb
 from visiontune.engine.state import TrainState
 from visiontune.engine.stop import EarlyStopping, StopRequest
 from visiontune.errors import TrainingError
@@ -115,7 +114,10 @@ class Loop:
                     try:
                         record = self.optimizer_step()
                     except torch.OutOfMemoryError:
-                        raise TrainingError(self.out_of_memory_advice()) from None
+                        advice = self.runner.out_of_memory_advice(
+                            self.state.step + 1, self._saved_step
+                        )
+                        raise TrainingError(advice) from None
                     progress.update(
                         self.state.step, record["loss"], record["lr"], record["samples_per_s"]
                     )
@@ -214,25 +216,6 @@ class Loop:
         if self.tracker:
             self.tracker.log(self.state.step, record, "train")
         return record
-
-    def out_of_memory_advice(self) -> str:
-        """What to change after an out-of-memory error, in the config's own keys."""
-        train = self.cfg.train
-        advice = [
-            f"train.micro_batch_size={max(1, train.micro_batch_size // 2)} with "
-            f"train.grad_accum_steps={train.grad_accum_steps * 2} (the same effective batch)"
-        ]
-        if not self.cfg.model.gradient_checkpointing:
-            advice.append("model.gradient_checkpointing=true")
-        if self.runner.precision.name == "fp32":
-            advice.append("precision=bf16 (or fp16) and model.dtype=bf16")
-        resume = f"; then --resume from step {self._saved_step}" if self._saved_step else ""
-        return (
-            f"out of memory at optimizer step {self.state.step + 1} with micro_batch_size "
-            f"{train.micro_batch_size} (peak {peak_memory_mb(self.device):.0f} MB); try "
-            + ", ".join(advice)
-            + resume
-        )
 
     def after_step(self) -> bool:
         """Decide whether to stop, else evaluate and save as due; True ends the loop.
@@ -422,55 +405,8 @@ class Loop:
         saved.stop_reason = None
         self.state = saved
         self._saved_step = saved.step
-        self.reconcile_best()
+        st.reconcile_best(self.rundir, self.state)
         log.info(
             "resumed from %s: step %d, epoch %d, micro-batch %d of the epoch",
             directory, saved.step, saved.epoch, saved.batch_in_epoch,
         )  # fmt: skip
-
-    def reconcile_best(self) -> None:
-        """A `best/` saved after the checkpoint belongs to a trajectory the crash lost: keep it
-        aside (never delete), and rebuild best/ from the kept checkpoint of the best step."""
-        best = self.rundir.best
-        if not best.is_dir():
-            return
-        manifest = st.read_manifest(best)
-        best_step = manifest.get("step") if manifest else None
-        if best_step is None or best_step <= self.state.step:
-            return
-        aside = best.with_name(f"best.lost-step-{best_step}")
-        best.rename(aside)
-        log.warning(
-            "best/ came from step %d, after the checkpoint at step %d (a lost trajectory): moved "
-            "it to %s",
-            best_step, self.state.step, aside,
-        )  # fmt: skip
-        if self.state.best_step is None:
-            return
-        source = self.rundir.checkpoints / f"{ckpt.STEP_PREFIX}{self.state.best_step:08d}"
-        if ckpt.is_complete(source):
-            st.copy_weights(source, best, {"step": self.state.best_step})
-            log.warning("best/ rebuilt from %s", source)
-
-
-def train_indices(num_samples: int, max_samples: int | None, seed: int) -> list[int]:
-    """All indices, or a seeded random subset of `max_samples` of them."""
-    if not max_samples or max_samples >= num_samples:
-        return list(range(num_samples))
-    generator = torch.Generator().manual_seed(seed)
-    return sorted(torch.randperm(num_samples, generator=generator)[:max_samples].tolist())
-
-
-def sample_lengths(dataset: Dataset) -> list[int]:
-    lengths = getattr(dataset, "lengths", None)
-    if lengths is None:
-        raise TrainingError(
-            "train.group_by_length: this task's training data has no sample lengths"
-        )
-    return list(lengths)
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

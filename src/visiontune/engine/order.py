@@ -10,6 +10,9 @@ import math
 from collections.abc import Iterator
 
 import torch
+from torch.utils.data import Dataset
+
+from visiontune.errors import TrainingError
 
 
 class DataOrder:
@@ -82,3 +85,20 @@ def group_by_length(
         longest = max(range(len(batches)), key=lambda b: lengths[batches[b][0]])
         batches[0], batches[longest] = batches[longest], batches[0]
     return batches
+
+
+def train_indices(num_samples: int, max_samples: int | None, seed: int) -> list[int]:
+    """All indices, or a seeded random subset of `max_samples` of them."""
+    if not max_samples or max_samples >= num_samples:
+        return list(range(num_samples))
+    generator = torch.Generator().manual_seed(seed)
+    return sorted(torch.randperm(num_samples, generator=generator)[:max_samples].tolist())
+
+
+def sample_lengths(dataset: Dataset) -> list[int]:
+    lengths = getattr(dataset, "lengths", None)
+    if lengths is None:
+        raise TrainingError(
+            "train.group_by_length: this task's training data has no sample lengths"
+        )
+    return list(lengths)

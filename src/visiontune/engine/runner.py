@@ -7,6 +7,7 @@ autocast policy the config resolves to. So `predict` of a bf16-base run computes
 
 from __future__ import annotations
 
+import resource
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,25 @@ class Runner:
             ):
                 module.eval()
 
+    def out_of_memory_advice(self, step: int, saved_step: int | None) -> str:
+        """What to change after an out-of-memory error at `step`, in the config's own keys."""
+        train = self.cfg.train
+        advice = [
+            f"train.micro_batch_size={max(1, train.micro_batch_size // 2)} with "
+            f"train.grad_accum_steps={train.grad_accum_steps * 2} (the same effective batch)"
+        ]
+        if not self.cfg.model.gradient_checkpointing:
+            advice.append("model.gradient_checkpointing=true")
+        if self.precision.name == "fp32":
+            advice.append("precision=bf16 (or fp16) and model.dtype=bf16")
+        resume = f"; then --resume from step {saved_step}" if saved_step else ""
+        return (
+            f"out of memory at optimizer step {step} with micro_batch_size "
+            f"{train.micro_batch_size} (peak {peak_memory_mb(self.device):.0f} MB); try "
+            + ", ".join(advice)
+            + resume
+        )
+
     def evaluate(self, task: Task, dataset: Dataset) -> Metrics:
         """The task's metrics over a whole split, in eval mode, without gradients.
 
@@ -99,3 +119,9 @@ class Runner:
             outputs = self.infer(task, batch) if len(batch) else {}
             records.extend(task.predictions(outputs, batch, out_dir))
         return records
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -32,7 +32,7 @@ from visiontune.config.schema import Config
 from visiontune.engine import checkpoint as ckpt
 from visiontune.engine.order import DataOrder
 from visiontune.errors import TrainingError, VisiontuneError
-from visiontune.runs.rundir import LOGGER
+from visiontune.runs.rundir import LOGGER, RunDir
 
 log = logging.getLogger(LOGGER)
 
@@ -142,6 +142,31 @@ def copy_weights(source: Path, final: Path, meta: dict[str, Any]) -> None:
                 shutil.copy2(path, directory / relative)
 
     ckpt.write_atomically(final, fill, meta)
+
+
+def reconcile_best(run: RunDir, state: TrainState) -> None:
+    """A `best/` saved after the checkpoint belongs to a trajectory the crash lost: keep it
+    aside (never delete), and rebuild best/ from the kept checkpoint of the best step."""
+    best = run.best
+    if not best.is_dir():
+        return
+    manifest = read_manifest(best)
+    best_step = manifest.get("step") if manifest else None
+    if best_step is None or best_step <= state.step:
+        return
+    aside = best.with_name(f"best.lost-step-{best_step}")
+    best.rename(aside)
+    log.warning(
+        "best/ came from step %d, after the checkpoint at step %d (a lost trajectory): moved "
+        "it to %s",
+        best_step, state.step, aside,
+    )  # fmt: skip
+    if state.best_step is None:
+        return
+    source = run.checkpoints / f"{ckpt.STEP_PREFIX}{state.best_step:08d}"
+    if ckpt.is_complete(source):
+        copy_weights(source, best, {"step": state.best_step})
+        log.warning("best/ rebuilt from %s", source)
 
 
 # ---- resume compatibility -------------------------------------------------------------------
