@@ -53,8 +53,7 @@ class VisionLanguageAdapter(ModelAdapter):
     def _with_lora(model: nn.Module, cfg: Config, options: GroundTaskConfig) -> nn.Module:
         language = submodule_name(model, "language_model")
         vision = submodule_name(model, "visual")
-        modules = dict(model.named_modules())
-        projector = [f"{vision}.{p}" for p in PROJECTOR_PARTS if f"{vision}.{p}" in modules]
+        projector = _projector(model, vision)
         heads = projector if options.train_projector else []
         lora = cfg.lora
         if lora.enabled:
@@ -143,6 +142,20 @@ class VisionLanguageAdapter(ModelAdapter):
             )
             model = dequantized(model)
         merged(model).save_pretrained(str(out_dir))
+
+
+def _projector(model: nn.Module, vision: str) -> list[str]:
+    """Names of the projector modules under the vision tower `vision`; a ModuleList (Qwen3-VL's
+    DeepStack mergers) by its members, since PEFT trains whole modules, not lists."""
+    modules = dict(model.named_modules())
+    names = []
+    for part in PROJECTOR_PARTS:
+        module = modules.get(f"{vision}.{part}")
+        if isinstance(module, nn.ModuleList):
+            names += [f"{vision}.{part}.{index}" for index in range(len(module))]
+        elif module is not None:
+            names.append(f"{vision}.{part}")
+    return names
 
 
 def dequantized(model: nn.Module) -> nn.Module:
