@@ -17,6 +17,7 @@ from visiontune import api
 from visiontune.config.load import load_config
 from visiontune.config.schema import Config
 from visiontune.engine.runner import Runner
+from visiontune.errors import ConfigError
 from visiontune.models.coords import Norm1000Codec, ResizedPixelCodec, make_codec, parse_answer
 from visiontune.models.qwen_vl import VisionChatProcessor
 from visiontune.tasks.ground import GroundTask
@@ -166,3 +167,32 @@ def test_train_projector_trains_the_deepstack_mergers_too(
     assert any("visual.merger.modules_to_save" in n for n in trainable)
     assert any("visual.deepstack_merger_list.0.modules_to_save" in n for n in trainable)
     assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+
+
+def test_qwen35_goes_through_the_same_code_once_its_grid_is_named(
+    qwen3_config: Callable[..., Config], tmp_path: Path
+) -> None:
+    """Qwen3.5 (natively multimodal, hybrid linear attention) builds, trains and takes LoRA on
+    both attention kinds through the same adapter; its coordinate grid is not documented where
+    we could check it, so `task.coordinates` must be set."""
+    cfg = qwen3_config(tmp_path)
+    inline = {**(cfg.model.config or {}), "model_type": "qwen3_5"}
+    inline["text_config"] = {**inline["text_config"], "num_hidden_layers": 4}
+    inline["vision_config"] = {
+        k: v for k, v in inline["vision_config"].items() if k != "deepstack_visual_indexes"
+    }
+    cfg.model.config = inline
+    with pytest.raises(ConfigError, match="no default for model type 'qwen3_5'"):
+        GroundTask(cfg).datasets()
+    cfg.task.coordinates = "norm1000"
+    task = GroundTask(cfg)
+    train = task.datasets().train
+    runner = Runner(cfg, task.adapter())
+    lora = {n for n, _ in runner.adapter.model.named_parameters() if "lora_A" in n}
+    assert any("linear_attn.in_proj_qkv" in n for n in lora)
+    assert any("self_attn.q_proj" in n for n in lora)
+    runner.train_mode()
+    batch = task.collate([train[0], train[1]])
+    out = task.loss(runner.forward(batch), batch)
+    out.loss_sum.backward()
+    assert out.count > 0 and torch.isfinite(out.loss_sum)
