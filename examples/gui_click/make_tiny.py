@@ -6,6 +6,7 @@ transformers' Qwen2-VL one with tiny min/max pixels, and each "screenshot" is a 
 with three coloured buttons, one of which an instruction names. Writes, under OUT:
 
     processor/            tokenizer, image processor, chat template (AutoTokenizer-loadable)
+    processor_qwen3_vl/   the same for Qwen3-VL (16 px patches, its chat template)
     screens/*.png         the screenshots
     train.jsonl           grounding records: image, instruction, bbox, type
     val.jsonl             the same screens (the tiny example overfits them on purpose)
@@ -50,12 +51,34 @@ CHAT_TEMPLATE = (
     "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
     "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+# Qwen3-VL's chat template has the same ChatML turns and vision markers but no default system
+# message (tool and reasoning branches omitted here).
+QWEN3_VL_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}"
+    "{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+# Image processor settings per family: Qwen2-VL 14 px patches (28 px per merged token, CLIP
+# normalisation); Qwen3-VL 16 px patches (32 px per merged token, mean = std = 0.5).
+FAMILIES = {
+    "qwen2_vl": (CHAT_TEMPLATE, {"patch_size": 14}, "Qwen2VLProcessor"),
+    "qwen3_vl": (
+        QWEN3_VL_CHAT_TEMPLATE,
+        {"patch_size": 16, "image_mean": [0.5] * 3, "image_std": [0.5] * 3},
+        "Qwen3VLProcessor",
+    ),
+}
 COLOURS = {"red": (220, 50, 50), "green": (40, 170, 60), "blue": (50, 80, 220)}
 SCREEN = (112, 84)  # width, height: 12 image tokens at max_pixels 112*112
 
 
-def write_processor(out: Path) -> Path:
-    """A byte-level BPE tokenizer + Qwen2-VL image processor + chat template, saved to `out`."""
+def write_processor(out: Path, family: str = "qwen2_vl") -> Path:
+    """A byte-level BPE tokenizer + the family's image processor and chat template -> `out`."""
+    template, image_settings, processor_class = FAMILIES[family]
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [
@@ -79,14 +102,17 @@ def write_processor(out: Path) -> Path:
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         additional_special_tokens=SPECIAL_TOKENS[1:],
-        chat_template=CHAT_TEMPLATE,
+        chat_template=template,
     )
     out.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(str(out))
-    images = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112)
+    images = Qwen2VLImageProcessorPil(
+        min_pixels=56 * 56, max_pixels=112 * 112, merge_size=2, **image_settings
+    )
     images.save_pretrained(str(out))
-    (out / "chat_template.jinja").write_text(CHAT_TEMPLATE, encoding="utf-8")
-    (out / "processor_config.json").write_text('{"processor_class": "Qwen2VLProcessor"}\n')
+    (out / "chat_template.jinja").write_text(template, encoding="utf-8")
+    config = json.dumps({"processor_class": processor_class})
+    (out / "processor_config.json").write_text(config + "\n")
     return out
 
 
@@ -131,6 +157,7 @@ def _place_buttons(rng: random.Random) -> list[tuple[int, int, int, int]]:
 
 def write_tiny_example(out: Path, count: int = 6) -> Path:
     write_processor(out / "processor")
+    write_processor(out / "processor_qwen3_vl", "qwen3_vl")
     records = write_screens(out, count)
     lines = "".join(json.dumps(r) + "\n" for r in records)
     (out / "train.jsonl").write_text(lines)

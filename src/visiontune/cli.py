@@ -94,6 +94,36 @@ def config_show(config: Path, overrides: Overrides = None) -> None:
     typer.echo(dump_yaml(load_config(config, overrides)), nl=False)
 
 
+@config_app.command("import-llamafactory")
+@friendly
+def config_import_llamafactory(
+    config: Path,
+    dataset_info: Annotated[
+        Path | None,
+        typer.Option(help="LLaMA-Factory's data/dataset_info.json (default: dataset_dir's)."),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Write here (never overwritten).")
+    ] = None,
+) -> None:
+    """Write a visiontune ground-task config from a LLaMA-Factory training YAML, listing every
+    key that was not mapped and why."""
+    from visiontune.config.llamafactory import import_llamafactory
+    from visiontune.errors import VisiontuneError
+
+    imported = import_llamafactory(config, dataset_info)
+    text = imported.to_yaml(config)
+    if out is None:
+        typer.echo(text, nl=False)
+    elif out.exists():
+        raise VisiontuneError(f"{out} exists; choose a new file name")
+    else:
+        out.write_text(text, encoding="utf-8")
+        typer.echo(f"wrote {out}")
+    for key, reason in imported.unmapped.items():
+        typer.echo(f"not mapped: {key}: {reason}", err=True)
+
+
 @config_app.command("check")
 @friendly
 def config_check(config: Path, overrides: Overrides = None) -> None:

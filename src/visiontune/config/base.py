@@ -11,6 +11,25 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class QuantizationConfig(Section):
+    """Frozen base weights in 4 or 8 bits through bitsandbytes (QLoRA); adapters stay fp32."""
+
+    bits: Literal[4, 8] = 4
+    type: Literal["nf4", "fp4"] = Field(default="nf4", description="4-bit data type.")
+    double_quant: bool = Field(
+        default=True, description="Quantize the 4-bit scales too (about 0.4 bit per weight)."
+    )
+    compute_dtype: Literal["bf16", "fp16", "fp32"] = Field(
+        default="bf16", description="dtype 4-bit weights are dequantized to for each matmul."
+    )
+
+    @model_validator(mode="after")
+    def _four_bit_options(self) -> QuantizationConfig:
+        if self.bits == 8 and "type" in self.model_fields_set:
+            raise ValueError("model.quantization.type (nf4/fp4) applies to bits: 4 only")
+        return self
+
+
 class ModelConfig(Section):
     """Where the backbone comes from: a hub id, a local directory, or an inline config."""
 
@@ -26,6 +45,11 @@ class ModelConfig(Section):
         default="fp32", description="dtype the frozen base weights are loaded in."
     )
     gradient_checkpointing: bool = False
+    quantization: QuantizationConfig | None = Field(
+        default=None,
+        description="Load the frozen base in 4 or 8 bits (bitsandbytes, `pip install "
+        "visiontune[quant]`); ground task only.",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelConfig:
@@ -33,6 +57,11 @@ class ModelConfig(Section):
             raise ValueError("set exactly one of model.name_or_path or model.config")
         if self.config is not None and "model_type" not in self.config:
             raise ValueError("model.config needs a `model_type` (e.g. vit, siglip_vision_model)")
+        if self.config is not None and self.quantization is not None:
+            raise ValueError(
+                "model.quantization quantizes saved weights: use model.name_or_path (an inline "
+                "model.config has none; save it with save_pretrained first)"
+            )
         return self
 
 

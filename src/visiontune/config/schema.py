@@ -171,7 +171,10 @@ class TrainConfig(Section):
 
 
 class OptimConfig(Section):
-    name: Literal["adamw"] = "adamw"
+    name: Literal["adamw", "adamw_8bit"] = Field(
+        default="adamw",
+        description="adamw_8bit: bitsandbytes' AdamW with 8-bit moments (`visiontune[quant]`).",
+    )
     lr: float = Field(default=1e-4, gt=0)
     weight_decay: float = Field(default=0.01, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)

@@ -1,4 +1,9 @@
-"""AdamW with decoupled weight decay (none on biases and norms) and step-counted schedules."""
+"""AdamW with decoupled weight decay (none on biases and norms) and step-counted schedules.
+
+`adamw_8bit` is bitsandbytes' AdamW with block-wise 8-bit moments (its 0.50 release runs it on
+CPU as well as CUDA); moments of tensors under 4,096 elements stay 32-bit, as bitsandbytes
+decides.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from visiontune.config.schema import OptimConfig, ScheduleConfig
+from visiontune.errors import ConfigError
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
@@ -26,9 +32,20 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
         {"params": decay, "weight_decay": cfg.weight_decay, "decay": True},
         {"params": no_decay, "weight_decay": 0.0, "decay": False},
     ]
-    return torch.optim.AdamW(
-        [g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas, eps=cfg.eps
-    )
+    params = [g for g in groups if g["params"]]
+    if cfg.name == "adamw_8bit":
+        return _adamw_8bit(params, cfg)
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+
+
+def _adamw_8bit(params: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
+    try:
+        from bitsandbytes.optim import AdamW8bit
+    except ImportError:
+        raise ConfigError(
+            ["optim.name: adamw_8bit needs bitsandbytes: pip install 'visiontune[quant]'"]
+        ) from None
+    return AdamW8bit(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
 
 
 def warmup_steps(cfg: ScheduleConfig, total_steps: int) -> int:

@@ -1,11 +1,12 @@
 """Per-model click coordinates: the training target, parsing answers, mapping back to pixels.
 
-Qwen2-VL answers in integers normalised to [0, 1000) of the image it was shown; Qwen2.5-VL
-answers in absolute pixels of the *resized* image its processor produced (sides multiples of
-28, area within [min_pixels, max_pixels]). Neither is the original screenshot's pixel grid, so
-every target we write and every answer we read goes through one codec per model family. The
-resize rule is transformers' own `smart_resize`, so the codec and the image processor cannot
-disagree about the resized size as long as both get the same min/max pixels.
+Qwen2-VL answers in integers normalised to [0, 1000) of the image it was shown, Qwen3-VL on a
+relative 0..1000 grid again; Qwen2.5-VL answers in absolute pixels of the *resized* image its
+processor produced (sides multiples of 28, area within [min_pixels, max_pixels]). None is the
+original screenshot's pixel grid, so every target we write and every answer we read goes
+through one codec per model family. The resize rule is transformers' own `smart_resize`, so the
+codec and the image processor cannot disagree about the resized size as long as both get the
+same min/max pixels.
 """
 
 from __future__ import annotations
@@ -25,7 +26,13 @@ CoordinateSystem = Literal["norm1000", "resized_pixels"]
 FAMILY_COORDINATES: dict[str, CoordinateSystem] = {
     "qwen2_vl": "norm1000",
     "qwen2_5_vl": "resized_pixels",
+    "qwen3_vl": "norm1000",
+    "qwen3_vl_moe": "norm1000",
 }
+# Highest value a norm1000 target is written with. Qwen2-VL's grid is [0, 1000); Qwen3-VL's
+# documentation describes a 0..1000 grid (and 0-999 in places): answers are read on 0..1000 for
+# every family, and targets are written the way each family's own docs write them.
+NORM1000_TOP: dict[str, int] = {"qwen2_vl": 999, "qwen3_vl": 1000, "qwen3_vl_moe": 1000}
 
 
 class CoordCodec(ABC):
@@ -92,16 +99,18 @@ class CoordCodec(ABC):
 class Norm1000Codec(CoordCodec):
     """Qwen2-VL and Qwen3-VL: x and y relative to the image's width and height, 0..1000.
 
-    Targets are written in [0, 999]; answers are accepted in [0, 1000] because Qwen's docs say
-    both. Decoding multiplies by size/1000 (the convention the pre-trained model answers in), so
-    a round trip is off by at most half a bin, size/2000 pixels.
+    Targets are written in [0, top] (999 for Qwen2-VL, 1000 for Qwen3-VL); answers are accepted
+    in [0, 1000] whatever `top` is, because Qwen's docs say both. Decoding multiplies by
+    size/1000 (the convention the pre-trained model answers in), so a round trip is off by at
+    most half a bin, size/2000 pixels.
     """
 
     system: ClassVar[CoordinateSystem] = "norm1000"
+    top: int = 999
 
     def encode(self, point: Point, size: tuple[int, int]) -> tuple[int, int]:
         width, height = size
-        return _bin(point[0] / width * 1000, 999), _bin(point[1] / height * 1000, 999)
+        return _bin(point[0] / width * 1000, self.top), _bin(point[1] / height * 1000, self.top)
 
     def decode(self, point: Point, size: tuple[int, int]) -> Point:
         width, height = size
@@ -149,10 +158,15 @@ class ResizedPixelCodec(CoordCodec):
 
 
 def make_codec(
-    system: CoordinateSystem, min_pixels: int, max_pixels: int, factor: int = 28
+    system: CoordinateSystem,
+    min_pixels: int,
+    max_pixels: int,
+    factor: int = 28,
+    model_type: str = "qwen2_vl",
 ) -> CoordCodec:
+    """The codec for `system`; `model_type` picks how a norm1000 target is written (its top)."""
     if system == "norm1000":
-        return Norm1000Codec()
+        return Norm1000Codec(top=NORM1000_TOP.get(model_type, 999))
     return ResizedPixelCodec(min_pixels=min_pixels, max_pixels=max_pixels, factor=factor)
 
 

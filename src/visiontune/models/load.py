@@ -17,13 +17,30 @@ from visiontune.errors import ConfigError
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def load_model(auto_class: Any, model_cfg: ModelConfig, **kwargs: Any) -> torch.nn.Module:
+def load_model(
+    auto_class: Any,
+    model_cfg: ModelConfig,
+    quantized_on: torch.device | None = None,
+    keep_unquantized: tuple[str, ...] = (),
+    **kwargs: Any,
+) -> torch.nn.Module:
     """Instantiate `auto_class` (e.g. AutoModelForImageClassification) as the config says.
 
     Extra kwargs (num_labels, id2label...) override the pretrained config, so a 1000-class
-    ImageNet head is replaced by one sized for the user's classes.
+    ImageNet head is replaced by one sized for the user's classes. `quantized_on` is the device
+    a task that supports model.quantization runs on (bitsandbytes quantizes weights where they
+    are placed); a task that passes none refuses the setting before any weight is read.
+    `keep_unquantized` names modules that are trained fully and so must stay real Linears.
     """
     dtype = DTYPES[model_cfg.dtype]
+    loading: dict[str, Any] = {}
+    if model_cfg.quantization is not None:
+        if quantized_on is None:
+            raise ConfigError(["model.quantization: only the ground task supports it"])
+        loading = {
+            "quantization_config": quantization_config(model_cfg, keep_unquantized),
+            "device_map": {"": str(quantized_on)},
+        }
     if model_cfg.config is not None:
         config = build_config(model_cfg.config, **kwargs)
         return auto_class.from_config(config, dtype=dtype)
@@ -37,11 +54,62 @@ def load_model(auto_class: Any, model_cfg: ModelConfig, **kwargs: Any) -> torch.
             dtype=dtype,
             ignore_mismatched_sizes=bool(kwargs),
             **kwargs,
+            **loading,
         )
     except (OSError, ValueError) as err:
         raise ConfigError(
             [f"model.name_or_path: cannot load {source!r}: {_first_line(err)}"]
         ) from None
+
+
+def check_quantization(model_cfg: ModelConfig, device: torch.device, lora_enabled: bool) -> None:
+    """Refuse a quantization setting that cannot work, before a weight is read.
+
+    bitsandbytes runs on CUDA and (0.50+, slowly) on CPU, not on Apple's MPS; quantized weights
+    cannot be trained, so LoRA must be on.
+    """
+    if model_cfg.quantization is None:
+        return
+    key = "model.quantization"
+    if not lora_enabled:
+        raise ConfigError([f"{key}: quantized base weights cannot be trained; enable lora"])
+    if device.type not in ("cuda", "cpu"):
+        raise ConfigError([f"{key}: bitsandbytes runs on cuda or cpu, not on {device.type}"])
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ConfigError([f"{key}: needs bitsandbytes: pip install 'visiontune[quant]'"]) from None
+
+
+def quantization_device(train_device: str) -> torch.device:
+    """The device the runner will choose for `train.device` (bitsandbytes must quantize the
+    weights there: it is decided at load time, before the runner exists)."""
+    if train_device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(train_device)
+
+
+def quantization_config(model_cfg: ModelConfig, keep_unquantized: tuple[str, ...]) -> Any:
+    """transformers' BitsAndBytesConfig for model.quantization."""
+    from transformers import BitsAndBytesConfig
+
+    quant = model_cfg.quantization
+    assert quant is not None
+    skip = ["lm_head", *keep_unquantized]
+    if quant.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant.type,
+        bnb_4bit_use_double_quant=quant.double_quant,
+        bnb_4bit_compute_dtype=DTYPES[quant.compute_dtype],
+        llm_int8_skip_modules=skip,
+    )
+
+
+def is_quantized(model: torch.nn.Module) -> bool:
+    """Whether a transformers model was loaded with bitsandbytes weights."""
+    return getattr(model, "hf_quantizer", None) is not None
 
 
 def build_config(inline: dict[str, Any], **kwargs: Any) -> PretrainedConfig:

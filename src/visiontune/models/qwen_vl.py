@@ -1,5 +1,8 @@
-"""Qwen2-VL / Qwen2.5-VL inputs: chat template, image tokens, assistant-only labels.
+"""Qwen2-VL / Qwen2.5-VL / Qwen3-VL inputs: chat template, image tokens, assistant-only labels.
 
+All three families share the image processor class (patch 14 with 2x2 merge for Qwen2/2.5-VL,
+28 px per token; patch 16 with 2x2 merge for Qwen3-VL, 32 px per token: both read from the
+checkpoint's preprocessor config), the `<|image_pad|>` expansion and ChatML.
 transformers 5.x's `Qwen2VLProcessor` cannot be built without torchvision (its video processor
 is a required part and exists only for the torchvision backend), and torchvision cannot be
 installed next to a CPU-only torch wheel. So this module composes what the processor does from
@@ -25,7 +28,14 @@ from visiontune.data.conversations import IMAGE_PLACEHOLDER
 from visiontune.errors import ConfigError
 
 IGNORE_INDEX = -100
-PROCESSOR_CLASSES = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor"}
+PROCESSOR_CLASSES = {
+    "qwen2_vl": "Qwen2VLProcessor",
+    "qwen2_5_vl": "Qwen2_5_VLProcessor",
+    "qwen3_vl": "Qwen3VLProcessor",
+    "qwen3_vl_moe": "Qwen3VLProcessor",
+    "qwen3_5": "Qwen3VLProcessor",
+    "qwen3_5_moe": "Qwen3VLProcessor",
+}
 IMAGE_TOKEN = "<|image_pad|>"
 ANSWER_HEADER = "<|im_start|>assistant\n"
 ANSWER_END = "<|im_end|>"
@@ -80,7 +90,8 @@ class VisionChatProcessor:
 
     @property
     def factor(self) -> int:
-        """Side multiple of resized images: patch size times merge size (28 for Qwen)."""
+        """Side multiple of resized images: patch size times merge size (28 for Qwen2/2.5-VL,
+        32 for Qwen3-VL)."""
         return int(self.image_processor.patch_size) * self.merge_size
 
     @property
@@ -114,7 +125,7 @@ class VisionChatProcessor:
             raise ConfigError(
                 [
                     f"task.processor: {problem}; the ground task expects ChatML "
-                    f"({ANSWER_HEADER!r} ... {ANSWER_END!r}) as Qwen2-VL and Qwen2.5-VL use"
+                    f"({ANSWER_HEADER!r} ... {ANSWER_END!r}) as the Qwen-VL families use"
                 ]
             )
 

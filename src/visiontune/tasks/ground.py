@@ -1,4 +1,4 @@
-"""Click grounding: LoRA SFT of Qwen2-VL / Qwen2.5-VL to answer "click the login button".
+"""Click grounding: LoRA SFT of Qwen2-VL / Qwen2.5-VL / Qwen3-VL to answer "click the login button".
 
 The model reads a screenshot and an instruction and answers a point in its own coordinate
 system (see visiontune.models.coords). Training is plain next-token prediction on the
@@ -112,12 +112,14 @@ class GroundTask:
                 raise ConfigError(
                     [
                         f"task.coordinates: no default for model type {self.model_type!r}; set "
-                        "norm1000 or resized_pixels"
+                        "norm1000 (Qwen2-VL, Qwen3-VL) or resized_pixels (Qwen2.5-VL)"
                     ]
                 )
             system = known
         processor = self.processor
-        return make_codec(system, processor.min_pixels, processor.max_pixels, processor.factor)
+        return make_codec(
+            system, processor.min_pixels, processor.max_pixels, processor.factor, self.model_type
+        )
 
     def max_length(self) -> int:
         """Longest conversation allowed: task.max_length, else the model's context length."""
@@ -312,6 +314,12 @@ class GroundTask:
         target = sample["target"]
         return ClickOutcome(sample["id"], point, size, target.box, target.point, target.type)
 
+    def outside_grid(self, sample: dict[str, Any], text: str) -> bool:
+        """Whether an answer's point lies outside the codec's range (e.g. 1200 on a 0..1000
+        grid): still scored (it misses every box), but counted so a drifting model shows."""
+        parsed = parse_answer(text)
+        return parsed is not None and not self.codec.in_range(parsed, sample["sizes"][0])
+
     def prediction_batches(self, inputs: list[dict[str, Any]]) -> Iterator[Batch]:
         """One generation per `{"image": path, "text": instruction}`."""
         for index, item in enumerate(inputs):
@@ -399,7 +407,7 @@ class GroundMeter:
 
     def __init__(self, task: GroundTask) -> None:
         self.task = task
-        self.loss_sum, self.count, self.skipped = 0.0, 0, 0
+        self.loss_sum, self.count, self.skipped, self.outside_grid = 0.0, 0, 0, 0
         self.outcomes: list[ClickOutcome] = []
         self.answers: list[dict[str, Any]] = []
 
@@ -415,12 +423,20 @@ class GroundMeter:
         texts = self.task.answers(outputs["generated"])
         for sample, text in zip(batch.extras["samples"], texts, strict=True):
             self.outcomes.append(self.task.outcome(sample, text))
+            outside = self.task.outside_grid(sample, text)
+            self.outside_grid += outside
             self.answers.append(
-                {"id": sample["id"], "answer": text, "point": self.outcomes[-1].point}
+                {
+                    "id": sample["id"],
+                    "answer": text,
+                    "point": self.outcomes[-1].point,
+                    "outside_grid": outside,
+                }
             )
 
     def compute(self) -> Metrics:
         scalars = {"loss": self.loss_sum / max(self.count, 1), "skipped": float(self.skipped)}
+        scalars["outside_grid"] = float(self.outside_grid)
         if self.outcomes:
             scalars.update(click_metrics(self.outcomes))
         return Metrics(scalars, {"answers": self.answers})
