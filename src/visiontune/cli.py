@@ -67,12 +67,16 @@ def train(
     overwrite: Annotated[
         bool, typer.Option(help="Start again; the existing run dir is renamed aside.")
     ] = False,
+    allow_duplicate: Annotated[
+        bool, typer.Option(help="Train even if these settings already ran on this data.")
+    ] = False,
 ) -> None:
     """Train. Exit code 75 means: stopped by a signal or time limit, checkpoint saved, resume."""
     from visiontune import api
     from visiontune.config import load_config
 
-    result = api.train(load_config(config, overrides), resume=resume, overwrite=overwrite)
+    cfg = load_config(config, overrides)
+    result = api.train(cfg, resume=resume, overwrite=overwrite, allow_duplicate=allow_duplicate)
     summary = result.summary
     typer.echo(f"status: {summary['status']} after {summary['steps']} steps")
     best = summary["best"]
