@@ -42,7 +42,7 @@ def test_runs_are_recorded_repeats_are_recognised_and_the_table_shows_difference
         ("lr-b", "0.02"),
         ("lr-a-again", "0.01"),
     ]
-    shown = CliRunner().invoke(app, ["runs", str(out)])
+    shown = CliRunner().invoke(app, ["runs", "list", "--root", str(out)])
     assert shown.exit_code == 0 and "lr-b" in shown.output
     assert "task: classify" in shown.output and "optim." in shown.output  # header breaks at dots
 

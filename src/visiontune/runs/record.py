@@ -170,6 +170,8 @@ class RunRecord:
             "mode": cfg.eval.mode,
             "devices": 1,  # the runner trains on one device
             "cost_per_gpu_hour": cfg.tracking.cost_per_gpu_hour,
+            "budget": cfg.tracking.budget,
+            "criteria": dict(cfg.acceptance),
         }
         record = cls(run, data)
         record.write()
