@@ -272,6 +272,17 @@ def runs_best(
     typer.echo(f"run directory: {best['run_dir']}")
 
 
+@runs_app.command("report")
+@friendly
+def runs_report(root: Root = Path("runs")) -> None:
+    """Write ROOT/report.html: the runs table, the best run, the attempts log, the curves."""
+    from visiontune.runs import attempts
+    from visiontune.runs.html import root_report
+
+    attempts.scan_or_fail(root)
+    typer.echo(f"wrote {root_report(root)}")
+
+
 @runs_app.command("log")
 @friendly
 def runs_log(
@@ -308,6 +319,15 @@ def export(
     typer.echo(f"merged model written to {out}")
     if push_to_hub:
         typer.echo(f"uploaded: {upload(out, push_to_hub, private=not public)}")
+
+
+@app.command()
+@friendly
+def report(run: Annotated[Path, typer.Argument(help="Run directory.")]) -> None:
+    """Write RUN/report.html: curves, metrics with 95% intervals, criteria, pictures, inline."""
+    from visiontune.runs.html import run_report
+
+    typer.echo(f"wrote {run_report(run)}")
 
 
 def expand_images(paths: list[Path]) -> list[Path]:

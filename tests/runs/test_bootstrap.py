@@ -62,6 +62,21 @@ def test_stratified_sensitivity_follows_the_binomial_law_exactly() -> None:
     assert abs(ours.low - low) <= 1.5 / n and abs(ours.high - high) <= 1.5 / n
 
 
+def test_a_perfect_score_on_four_samples_is_not_certain() -> None:
+    """4 of 4 severe cases found: the bootstrap cannot vary; Wilson's interval (by hand:
+    centre (1 + z^2/8) / (1 + z^2/4), half-width z sqrt(z^2/64) / (1 + z^2/4)) is [0.510, 1]."""
+    targets = np.array([0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2])
+    preds = np.array([0, 0, 0, 1, 1, 1, 1, 1, 2, 2, 2, 2])
+    ours = intervals(Samples([str(i) for i in range(12)], targets, preds, CLASSES))
+    z = 1.959964
+    low = ((1 + z * z / 8) - z * np.sqrt(z * z / 64)) / (1 + z * z / 4)
+    assert ours["sensitivity.severe"].value == 1.0
+    assert abs(ours["sensitivity.severe"].low - low) < 1e-9 and abs(low - 0.5101) < 1e-3
+    assert ours["sensitivity.severe"].high == 1.0
+    reference = stats.binomtest(11, 12).proportion_ci(method="wilson")
+    assert ours["accuracy"].low <= reference.low + 1e-9
+
+
 def test_resampling_keeps_every_class_size() -> None:
     samples = _samples(4)
     rows = resample_indices(samples.targets, 10, seed=0)

@@ -172,7 +172,9 @@ def attempts_log(root: Path, metric: str | None = None) -> str:
     if best is not None:
         name = metric or best["metric"]
         lines += ["", f"## Best: {best['name']} ({name} {metrics_at_best(best)[name]:.4f})", ""]
-        lines += [f"- `{k}`: {_show(v)}" for k, v in sorted(best["settings"].items())]
+        varied = varying_settings(records)
+        lines.append(f"Full resolved config: `{best['run_dir']}/config.yaml`. Settings tried:")
+        lines += [""] + [f"- `{k}`: {_show(best['settings'].get(k))}" for k in varied]
         if best.get("criteria"):
             lines += ["", "### Acceptance criteria", "", *criteria_lines(best)]
     lines += ["", "## Attempts", ""]
@@ -183,6 +185,12 @@ def attempts_log(root: Path, metric: str | None = None) -> str:
         lines += ["", "## Unreadable records", ""]
         lines += [f"- `{path}`: {reason}" for path, reason in found.unreadable]
     return "\n".join(lines) + "\n"
+
+
+def varying_settings(records: list[dict[str, Any]]) -> list[str]:
+    """The settings on which the runs differ: what was tried."""
+    every = sorted({k for r in records for k in r["settings"]})
+    return [k for k in every if len({repr(r["settings"].get(k)) for r in records}) > 1]
 
 
 def _attempt(record: dict[str, Any], best: dict[str, Any] | None) -> list[str]:

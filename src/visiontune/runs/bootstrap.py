@@ -3,7 +3,9 @@
 A validation set of a few hundred images moves accuracy by a point or two between two draws
 of the same model; a "decline" from 79.5% to 79.4% is no decline. Every classification metric
 here is a function of the confusion matrix, so one resample is one `bincount`, and B resamples
-are vectorised. Resampling is stratified by true class: a class's sensitivity is then always
+are vectorised. A metric that is a plain proportion (accuracy, a sensitivity) also gets the
+Wilson score interval, and the wider of the two is reported: a bootstrap of 4 hits out of 4
+cannot vary and would claim certainty. Resampling is stratified by true class: a class's sensitivity is then always
 defined (its support stays fixed), and the interval is that of the model's behaviour on these
 class sizes. Two runs scored on the same samples are compared *paired* (the same resamples for
 both), which removes the noise both share: which images happen to be hard.
@@ -106,11 +108,44 @@ def intervals(
     draws = metrics_from_confusions(
         confusions(samples, resample_indices(samples.targets, resamples, seed)), samples.classes
     )
-    return {
+    found = {
         name: Interval(float(point[name][0]), *_percentiles(draws[name]))
         for name in point
         if name in draws
     }
+    whole = confusions(samples, np.arange(len(samples.targets))[None])[0]
+    for name, (hits, total) in proportions(whole, samples.classes).items():
+        if name in found:
+            low, high = wilson(hits, total)
+            ci = found[name]
+            found[name] = Interval(ci.value, min(ci.low, low), max(ci.high, high))
+    return found
+
+
+def proportions(matrix: np.ndarray, classes: list[str]) -> dict[str, tuple[int, int]]:
+    """(successes, trials) of each metric that is a plain proportion."""
+    total, rows, cols = int(matrix.sum()), matrix.sum(axis=1), matrix.sum(axis=0)
+    out = {"accuracy": (int(np.trace(matrix)), total)}
+    for i, name in enumerate(classes):
+        out[f"sensitivity.{name}"] = (int(matrix[i, i]), int(rows[i]))
+        negatives = total - int(rows[i])
+        out[f"specificity.{name}"] = (negatives - int(cols[i] - matrix[i, i]), negatives)
+    return out
+
+
+def wilson(hits: int, trials: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score 95% interval of a proportion.
+
+    A percentile bootstrap of 4 correct out of 4 is [1, 1]: every resample is perfect. The
+    Wilson interval is [0.51, 1], which is what 4 samples can prove; `intervals` reports the
+    wider of the two for every metric that is a proportion.
+    """
+    if trials == 0:
+        return 0.0, 1.0
+    p = hits / trials
+    centre = (p + z * z / (2 * trials)) / (1 + z * z / trials)
+    half = z * np.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / (1 + z * z / trials)
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
 
 
 def paired_difference(
