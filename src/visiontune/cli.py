@@ -242,6 +242,9 @@ def runs_diff(
         other = attempts.best_run(attempts.scan(root).records)
         if other is None:
             raise VisiontuneError(f"no finished run with a metric under {root}")
+        if other["run_dir"] == first["run_dir"]:
+            typer.echo(f"{first['name']} is the best run")
+            return
         first, second = other, first
     elif b is None:
         raise VisiontuneError("runs diff: give two runs, or one and --best")
