@@ -27,6 +27,8 @@ from visiontune.engine.stop import EXIT_RESUMABLE, StopRequest
 from visiontune.errors import VisiontuneError
 from visiontune.models.lora import check_trainable_share
 from visiontune.runs import ledger
+from visiontune.runs.budget import refuse_if_spent
+from visiontune.runs.record import Heartbeat, RunRecord
 from visiontune.runs.report import plot_training, write_summary
 from visiontune.runs.rundir import LOGGER, RunDir, setup_logging
 from visiontune.task import Metrics, ModelAdapter, Task, resolved_config
@@ -64,16 +66,23 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> TrainResult:
+def train(
+    cfg: Config, resume: bool = False, overwrite: bool = False, allow_duplicate: bool = False
+) -> TrainResult:
     """Train as `cfg` says into `cfg.run_dir`; with `resume`, continue its latest checkpoint.
 
     SIGTERM/SIGUSR1 are caught from the first moment to the last: a signal during set-up ends
     the run before training (exit 75, nothing to save yet), one after the last step saves and
     exits 75. A failure after the run directory exists is recorded (train.log, summary.json
-    with status `failed` and the message, the ledger) before it propagates.
+    and run.json with status `failed` and the message) before it propagates. A new run that
+    repeats a finished or running one (same settings, same data) is refused unless
+    `allow_duplicate`, and so is one whose runs root has spent its `tracking.budget`.
     """
     started = time.monotonic()
     limit = parse_duration(cfg.train.time_limit) if cfg.train.time_limit else None
+    if not resume:
+        refuse_repeated_settings(cfg, allow_duplicate)
+    refuse_if_spent(cfg)
     with StopRequest(limit) as stop:
         run = RunDir.prepare(cfg.run_dir, resume=resume, overwrite=overwrite)
         try:
@@ -85,18 +94,18 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> TrainRe
 def train_in(
     run: RunDir, cfg: Config, resume: bool, stop: StopRequest, started: float
 ) -> TrainResult:
-    """The run of `train` inside its locked run directory."""
+    """The run of `train` inside its locked run directory, its record kept alive meanwhile."""
     setup_logging(run.log)
-    if not resume:
-        warn_repeated_settings(cfg)
+    record = RunRecord.start(run, cfg, resume)
     loop: Loop | None = None
     try:
-        loop = prepare_loop(cfg, run, resume, stop)
-        if loop is None:
-            state = TrainState(stop_reason=stop.requested() or "time_limit")
-            log.warning("stopping before training (%s): nothing to save", state.stop_reason)
-        else:
-            state = loop.run()
+        with Heartbeat(record):
+            loop = prepare_loop(cfg, run, resume, stop)
+            if loop is None:
+                state = TrainState(stop_reason=stop.requested() or "time_limit")
+                log.warning("stopping before training (%s): nothing to save", state.stop_reason)
+            else:
+                state = loop.run()
     except Exception as err:
         state = loop.state if loop is not None else TrainState()
         log.exception("training failed at step %d: %s", state.step, err)
@@ -105,24 +114,34 @@ def train_in(
         summary = write_summary(run, cfg, state, adapter, time.monotonic() - started)
         summary["error"] = f"{type(err).__name__}: {err}"
         run.write_json(run.summary, summary)
-        ledger.record(cfg, summary)
+        record.finish(summary)
+        ledger.write_cache(cfg.output_dir)
         raise
     if loop is not None:
         plot_training(run, cfg.train.max_grad_norm)
     adapter = loop.runner.adapter if loop is not None else None
     summary = write_summary(run, cfg, state, adapter, time.monotonic() - started)
-    ledger.record(cfg, summary)
+    record.finish(summary)
+    ledger.write_cache(cfg.output_dir)
     log.info("run directory: %s", run.root.resolve())
     return TrainResult(run.root, state, summary)
 
 
-def warn_repeated_settings(cfg: Config) -> None:
+def refuse_repeated_settings(cfg: Config, allow_duplicate: bool) -> None:
+    """Refuse to train what already ran (or runs) on the same data, naming it and its result;
+    with `allow_duplicate`, only warn (a second seed of noise on purpose, say)."""
     for earlier in ledger.earlier_runs(cfg):
-        best = earlier["best"]
-        log.warning(
-            "these exact settings already ran as %s (%s, best %s %s): see visiontune runs",
-            earlier["run_dir"], earlier["status"], best["metric"], best["value"],
-        )  # fmt: skip
+        best = earlier.get("best") or {"metric": earlier["metric"], "value": None}
+        message = (
+            f"these exact settings on the same data already ran as {earlier['run_dir']} "
+            f"({earlier['status']}, best {best['metric']} {best['value']})"
+        )
+        if not allow_duplicate:
+            raise VisiontuneError(
+                f"{message}: see `visiontune runs show {earlier['run_dir']}`; pass "
+                "--allow-duplicate to train it again anyway"
+            )
+        log.warning("%s; training again (--allow-duplicate)", message)
 
 
 def prepare_loop(cfg: Config, run: RunDir, resume: bool, stop: StopRequest) -> Loop | None:

@@ -25,6 +25,8 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Show or check a config without training.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+runs_app = typer.Typer(help="The attempts ledger: list, show, diff, best, log, report.")
+app.add_typer(runs_app, name="runs")
 
 _debug = False
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
@@ -67,12 +69,16 @@ def train(
     overwrite: Annotated[
         bool, typer.Option(help="Start again; the existing run dir is renamed aside.")
     ] = False,
+    allow_duplicate: Annotated[
+        bool, typer.Option(help="Train even if these settings already ran on this data.")
+    ] = False,
 ) -> None:
     """Train. Exit code 75 means: stopped by a signal or time limit, checkpoint saved, resume."""
     from visiontune import api
     from visiontune.config import load_config
 
-    result = api.train(load_config(config, overrides), resume=resume, overwrite=overwrite)
+    cfg = load_config(config, overrides)
+    result = api.train(cfg, resume=resume, overwrite=overwrite, allow_duplicate=allow_duplicate)
     summary = result.summary
     typer.echo(f"status: {summary['status']} after {summary['steps']} steps")
     best = summary["best"]
@@ -190,24 +196,141 @@ def predict(
     typer.echo(f"wrote {len(results)} predictions to {path}")
 
 
-@app.command()
+Root = Annotated[Path, typer.Option("--root", help="The runs root (a config's output_dir).")]
+
+
+@runs_app.callback(invoke_without_command=True)
+def runs_main(ctx: typer.Context) -> None:
+    """Every run under a runs root, read from the run directories (no shared file)."""
+    if ctx.invoked_subcommand is None:
+        runs_list(Path("runs"), None)
+
+
+@runs_app.command("list")
 @friendly
-def runs(
-    output_dir: Annotated[Path, typer.Argument(help="Where the runs live.")] = Path("runs"),
+def runs_list(
+    root: Root = Path("runs"),
+    sort: Annotated[str | None, typer.Option(help="Order by this metric, best first.")] = None,
 ) -> None:
-    """The ledger: every run with its status, best metric and the settings that differ,
-    one table per task."""
+    """One table per task (and selection metric): status, steps, best metric, and a column
+    only for each setting that differs; unreadable records are listed with their paths."""
     from rich.console import Console
 
-    from visiontune.runs import ledger
+    from visiontune.runs import attempts, ledger
 
-    entries = ledger.read(output_dir)
-    if not entries:
-        typer.echo(f"no runs recorded in {output_dir / ledger.LEDGER}")
-        return
+    found = attempts.scan_or_fail(root)
+    records = attempts.sorted_by(found.records, sort) if sort else found.records
     console = Console()
-    for table in ledger.tables(entries):
+    for table in ledger.tables(records):
         console.print(table.to_rich(console.width))
+    for path, reason in found.unreadable:
+        typer.secho(f"unreadable run record {path}: {reason}", fg="yellow")
+
+
+@runs_app.command("show")
+@friendly
+def runs_show(
+    run: Annotated[str, typer.Argument(help="Run name or directory.")], root: Root = Path("runs")
+) -> None:
+    """One run's record: status, times, cost, data, code, metrics at its best evaluation."""
+    from visiontune.runs import attempts
+
+    record = attempts.find_run(root, run)
+    for key in (
+        "name",
+        "status",
+        "run_dir",
+        "task",
+        "steps",
+        "config_hash",
+        "version",
+        "git_commit",
+    ):
+        typer.echo(f"{key:12s} {record.get(key)}")
+    typer.echo(f"{'dataset':12s} {record['dataset']}")
+    typer.echo(f"{'cost':12s} {record.get('cost')} ({record.get('gpu_hours')} device-hours)")
+    for name, value in attempts.metrics_at_best(record).items():
+        typer.echo(f"  {name:30s} {value:.4f}")
+    for line in attempts.criteria_lines(record):
+        typer.echo(line)
+
+
+@runs_app.command("diff")
+@friendly
+def runs_diff(
+    a: Annotated[str, typer.Argument(help="Run name or directory.")],
+    b: Annotated[str | None, typer.Argument(help="The other run.")] = None,
+    best: Annotated[bool, typer.Option("--best", help="Compare with the best run.")] = False,
+    root: Root = Path("runs"),
+) -> None:
+    """Settings and metrics that differ, and whether each metric change exceeds the noise."""
+    from visiontune.errors import VisiontuneError
+    from visiontune.runs import attempts
+
+    first = attempts.find_run(root, a)
+    if best:
+        other = attempts.best_run(attempts.scan(root).records)
+        if other is None:
+            raise VisiontuneError(f"no finished run with a metric under {root}")
+        if other["run_dir"] == first["run_dir"]:
+            typer.echo(f"{first['name']} is the best run")
+            return
+        first, second = other, first
+    elif b is None:
+        raise VisiontuneError("runs diff: give two runs, or one and --best")
+    else:
+        second = attempts.find_run(root, b)
+    for line in attempts.diff_lines(first, second):
+        typer.echo(line)
+
+
+@runs_app.command("best")
+@friendly
+def runs_best(
+    root: Root = Path("runs"),
+    metric: Annotated[str | None, typer.Option(help="Instead of the selection metric.")] = None,
+) -> None:
+    """The best finished run and its settings."""
+    from visiontune.runs import attempts
+
+    records = attempts.scan_or_fail(root).records
+    if metric:
+        attempts.check_metric(records, metric)
+    best = attempts.best_run(records, metric)
+    if best is None:
+        typer.echo(f"no finished run with a metric under {root}")
+        return
+    name = metric or best["metric"]
+    typer.echo(f"{best['name']}: {name} {attempts.metrics_at_best(best)[name]:.4f}")
+    typer.echo(f"run directory: {best['run_dir']}")
+
+
+@runs_app.command("report")
+@friendly
+def runs_report(root: Root = Path("runs")) -> None:
+    """Write ROOT/report.html: the runs table, the best run, the attempts log, the curves."""
+    from visiontune.runs import attempts
+    from visiontune.runs.html import root_report
+
+    attempts.scan_or_fail(root)
+    typer.echo(f"wrote {root_report(root)}")
+
+
+@runs_app.command("log")
+@friendly
+def runs_log(
+    root: Root = Path("runs"),
+    out: Annotated[
+        Path | None, typer.Option(help="Markdown file (default ROOT/ATTEMPTS.md).")
+    ] = None,
+) -> None:
+    """Write the markdown attempts log: best run, every attempt against it, spend, criteria."""
+    from visiontune.runs import attempts
+
+    attempts.scan_or_fail(root)
+    path = out or root / "ATTEMPTS.md"
+    path.write_text(attempts.attempts_log(root))
+    typer.echo(f"wrote {path}")
 
 
 @app.command()
@@ -229,6 +352,15 @@ def export(
     typer.echo(f"merged model written to {out}")
     if push_to_hub:
         typer.echo(f"uploaded: {upload(out, push_to_hub, private=not public)}")
+
+
+@app.command()
+@friendly
+def report(run: Annotated[Path, typer.Argument(help="Run directory.")]) -> None:
+    """Write RUN/report.html: curves, metrics with 95% intervals, criteria, pictures, inline."""
+    from visiontune.runs.html import run_report
+
+    typer.echo(f"wrote {run_report(run)}")
 
 
 def expand_images(paths: list[Path]) -> list[Path]:

@@ -5,13 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
 from tests.conftest import tiny_config
 from visiontune import api
 from visiontune.cli import app
+from visiontune.errors import VisiontuneError
 from visiontune.runs import ledger
+from visiontune.runs.record import config_hash
 
 
 def test_runs_are_recorded_repeats_are_recognised_and_the_table_shows_differences(
@@ -23,11 +26,13 @@ def test_runs_are_recorded_repeats_are_recognised_and_the_table_shows_difference
     api.train(first)
     api.train(second)
     assert ledger.earlier_runs(first.model_copy(update={"name": "lr-c"}))[0]["name"] == "lr-a"
-    assert ledger.experiment_id(first) != ledger.experiment_id(second)
+    assert config_hash(first) != config_hash(second)
 
     again = first.model_copy(update={"name": "lr-a-again"})
-    api.train(again)
-    assert "these exact settings already ran as" in (out / "lr-a-again/train.log").read_text()
+    with pytest.raises(VisiontuneError, match="already ran as .*lr-a .*completed, best accuracy"):
+        api.train(again)
+    assert not again.run_dir.exists()  # refused before anything was written
+    assert api.train(again, allow_duplicate=True).summary["status"] == "completed"
 
     (table,) = ledger.tables(ledger.read(out))
     assert table.task == "classify" and table.left_out == []
@@ -37,7 +42,7 @@ def test_runs_are_recorded_repeats_are_recognised_and_the_table_shows_difference
         ("lr-b", "0.02"),
         ("lr-a-again", "0.01"),
     ]
-    shown = CliRunner().invoke(app, ["runs", str(out)])
+    shown = CliRunner().invoke(app, ["runs", "list", "--root", str(out)])
     assert shown.exit_code == 0 and "lr-b" in shown.output
     assert "task: classify" in shown.output and "optim." in shown.output  # header breaks at dots
 

@@ -217,6 +217,15 @@ class EvalConfig(Section):
 
 class TrackingConfig(Section):
     tensorboard: bool = False
+    cost_per_gpu_hour: float = Field(
+        default=0.0, ge=0, description="Price of one device-hour; runs record their cost."
+    )
+    budget: float | None = Field(
+        default=None,
+        gt=0,
+        description="Total spend allowed over the runs root (output_dir): a run that would "
+        "exceed it stops at a step boundary with a checkpoint (status stopped-by-budget).",
+    )
 
 
 _CRITERION = re.compile(r"^\s*(>=|<=|>|<|==)\s*(-?[0-9.]+(?:e-?\d+)?)\s*$")

@@ -37,6 +37,7 @@ from visiontune.engine.state import TrainState
 from visiontune.engine.stop import EarlyStopping, StopRequest
 from visiontune.errors import TrainingError
 from visiontune.metrics.acceptance import judge
+from visiontune.runs.budget import over_budget
 from visiontune.runs.progress import TrainProgress
 from visiontune.runs.rundir import LOGGER, RunDir
 from visiontune.runs.trackers import TensorBoard
@@ -230,6 +231,7 @@ class Loop:
         eval_next = bool(every_eval) and (step + 1) % every_eval == 0  # type: ignore[operator]
         margin = 2 * self._step_seconds + self._save_seconds
         reason = self.stop.reason(margin, self._eval_seconds * (int(eval_due) + int(eval_next)))
+        reason = reason or over_budget(self.cfg, self.rundir.root, margin)
         if reason is None:
             if eval_due:
                 self.evaluate()

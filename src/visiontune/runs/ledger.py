@@ -1,25 +1,23 @@
-"""The ledger: one line per run in `<output_dir>/ledger.jsonl`, so nobody keeps a hand-written
-log of which hyper-parameters they already tried.
+"""The ledger: every run under a runs root, built by scanning the run directories' records.
 
-Each line holds the run's settings (flattened, dotted keys), its status and best metric. The
-same experiment (identical settings apart from the run name) is recognised before training
-starts, and `visiontune runs` prints the runs side by side, one table per task, with only the
-settings that differ between that task's runs.
+There is no shared file to lock: each run writes only its own `run.json` (see record.py), and
+every ledger view is a scan. `ledger.jsonl` at the root is a cache, rewritten whole and
+atomically from a scan after each run, for people and scripts that read one file; deleting it
+loses nothing. The same experiment (identical result-changing settings and identical data) is
+recognised before training starts.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from visiontune.config.load import flat_settings
 from visiontune.config.schema import Config
-from visiontune.runs.rundir import append_jsonl, read_jsonl
+from visiontune.runs.record import config_hash, dataset_fingerprint, scan
+from visiontune.runs.rundir import RunDir
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -27,42 +25,48 @@ if TYPE_CHECKING:
 LEDGER = "ledger.jsonl"
 MAX_SETTINGS = 8
 FIXED_COLUMNS = 4  # run, status, steps, best
-_NOT_SETTINGS = {"name", "output_dir"}
-
-
-def settings(cfg: Config) -> dict[str, Any]:
-    """Every option as a dotted key, without the run's name and location."""
-    return {k: v for k, v in flat_settings(cfg).items() if k not in _NOT_SETTINGS}
-
-
-def experiment_id(cfg: Config) -> str:
-    text = json.dumps(settings(cfg), sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
+# A new run with the same settings and data as one of these repeats it; a failed or
+# interrupted run is no result, so trying again is not a repeat.
+REPEATED = {
+    "running",
+    "completed",
+    "early-stopped",
+    "stopped-by-budget",
+    "stopped-by-signal",
+    "stopped-by-time-limit",
+}
 
 
 def read(output_dir: Path) -> list[dict[str, Any]]:
-    return read_jsonl(Path(output_dir) / LEDGER)
+    """The readable records under a runs root, oldest first."""
+    return scan(Path(output_dir)).records
 
 
 def earlier_runs(cfg: Config) -> list[dict[str, Any]]:
-    """Finished entries of the ledger with exactly these settings."""
-    wanted = experiment_id(cfg)
-    return [e for e in read(cfg.output_dir) if e["experiment"] == wanted]
+    """Finished or running runs with these settings on this data, other than `cfg.run_dir`.
+
+    A directory renamed aside by `--overwrite` was replaced on purpose and does not count.
+    """
+    wanted, data = config_hash(cfg), None
+    here = str(cfg.run_dir.resolve())
+    found = []
+    for record in read(cfg.output_dir):
+        replaced = record["dir"].startswith(f"{cfg.name}.replaced-")
+        if record["config_hash"] != wanted or record["run_dir"] == here or replaced:
+            continue
+        if record["status"] not in REPEATED:
+            continue
+        data = data or dataset_fingerprint(cfg)
+        if record["dataset"]["hash"] == data["hash"]:
+            found.append(record)
+    return found
 
 
-def record(cfg: Config, summary: dict[str, Any]) -> None:
-    entry = {
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "name": cfg.name,
-        "run_dir": summary["run_dir"],
-        "experiment": experiment_id(cfg),
-        "status": summary["status"],
-        "steps": summary["steps"],
-        "best": summary["best"],
-        "accepted": summary["accepted"],
-        "settings": settings(cfg),
-    }
-    append_jsonl(Path(cfg.output_dir) / LEDGER, entry)
+def write_cache(output_dir: Path) -> None:
+    """Rewrite `ledger.jsonl` whole from a scan: parallel writers each leave a complete file."""
+    records = read(output_dir)
+    text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
+    RunDir(Path(output_dir)).write_text(Path(output_dir) / LEDGER, text)
 
 
 @dataclass(frozen=True)
@@ -117,7 +121,13 @@ def tables(entries: list[dict[str, Any]], max_settings: int = MAX_SETTINGS) -> l
     by_task: dict[str, list[dict[str, Any]]] = {}
     for entry in latest:
         by_task.setdefault(str(entry["settings"].get("task.type", "?")), []).append(entry)
-    return [_task_table(task, runs, max_settings) for task, runs in by_task.items()]
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for task, runs in by_task.items():
+        metrics = {_best(e)["metric"] for e in runs}
+        for e in runs:
+            title = task if len(metrics) == 1 else f"{task}, selected by {_best(e)['metric']}"
+            groups.setdefault(title, []).append(e)
+    return [_task_table(title, runs, max_settings) for title, runs in groups.items()]
 
 
 def _task_table(task: str, runs: list[dict[str, Any]], max_settings: int) -> RunTable:
@@ -130,12 +140,17 @@ def _task_table(task: str, runs: list[dict[str, Any]], max_settings: int) -> Run
     shown = ranked[:max_settings]
     rows = []
     for e in runs:
-        best = e["best"]
+        best = _best(e)
         score = "-" if best["value"] is None else f"{best['metric']} {best['value']:.4f}"
         values = [_short(e["settings"].get(key)) for key in shown]
-        rows.append([e["name"], str(e["status"]), str(e["steps"]), score, *values])
+        rows.append([e["name"], str(e["status"]), str(e.get("steps", "-")), score, *values])
     header = ["run", "status", "steps", "best", *shown]
     return RunTable(task, header, rows, ranked[max_settings:])
+
+
+def _best(entry: dict[str, Any]) -> dict[str, Any]:
+    """The best metric, `value` None for a run that has not evaluated yet."""
+    return entry.get("best") or {"metric": entry.get("metric", "?"), "value": None, "step": None}
 
 
 def _short(value: Any) -> str:

@@ -80,7 +80,9 @@ def plot_training(run: RunDir, max_grad_norm: float | None) -> Path | None:
     ax.plot(x, [r["grad_norm"] for r in steps], label="pre-clip gradient norm")
     clipped = [r["step"] for r in steps if r["clipped"]]
     if clipped:
-        ax.plot(clipped, [r["grad_norm"] for r in steps if r["clipped"]], "r.", label="clipped")
+        rate = len(clipped) / len(steps)
+        values = [r["grad_norm"] for r in steps if r["clipped"]]
+        ax.plot(clipped, values, "r.", label=f"clipped ({rate:.0%} of steps)")
     if max_grad_norm is not None:
         ax.axhline(max_grad_norm, color="gray", linestyle="--", label="clip threshold")
     ax.set(title="gradient norm", xlabel="optimizer step", yscale="log")

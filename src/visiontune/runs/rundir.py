@@ -20,6 +20,7 @@ import math
 import os
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -96,6 +97,10 @@ class RunDir:
     def write_json(self, path: Path, record: dict[str, Any]) -> None:
         """Strict JSON, replaced atomically: a kill mid-write keeps the previous version."""
         _replace_text(path, json.dumps(_finite(record), indent=2, allow_nan=False) + "\n")
+
+    def write_text(self, path: Path, text: str) -> None:
+        """Replaced atomically: a reader sees the old file or the new one, never half."""
+        _replace_text(path, text)
 
     def truncate_records(self, step: int) -> None:
         """Keep only records with `step <= step` in metrics.jsonl and eval.jsonl.
@@ -209,7 +214,9 @@ def _parse_lines(path: Path) -> list[tuple[str, dict[str, Any]]]:
                     f"{path}:{number}: not valid JSON ({exc}); only a torn last line is "
                     "skipped, so this file was damaged some other way"
                 ) from None
-            _logger.warning("%s:%d: skipped a torn last line (%d characters)", path, number, len(text))
+            _logger.warning(
+                "%s:%d: skipped a torn last line (%d characters)", path, number, len(text)
+            )
     return parsed
 
 
@@ -237,7 +244,7 @@ def _repair_torn_tail(path: Path) -> None:
 
 
 def _replace_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}-{threading.get_ident()}")
     with tmp.open("w") as fh:
         fh.write(text)
         fh.flush()

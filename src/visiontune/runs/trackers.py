@@ -13,8 +13,10 @@ class TensorBoard:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             raise ConfigError(
-                ["tracking.tensorboard: the tensorboard package is not installed "
-                 "(pip install 'visiontune[tensorboard]')"]
+                [
+                    "tracking.tensorboard: the tensorboard package is not installed "
+                    "(pip install 'visiontune[tensorboard]')"
+                ]
             ) from None
         self.writer = SummaryWriter(log_dir=str(log_dir))
 

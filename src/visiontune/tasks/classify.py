@@ -179,12 +179,17 @@ class ClassifyTask:
 
 
 class ClassifyMeter:
-    """Probabilities and labels of the whole split, so QWK and AUC see every sample at once."""
+    """Probabilities and labels of the whole split, so QWK and AUC see every sample at once.
+
+    They are also returned per sample (`tables["samples"]`: id, target, probabilities and
+    cross-entropy), which lets the ledger put a bootstrap interval on every metric and compare
+    two runs on the same images."""
 
     def __init__(self, task: ClassifyTask, classes: list[str], referable: int | None) -> None:
         self.task, self.classes, self.referable = task, classes, referable
         self.probs: list[torch.Tensor] = []
         self.targets: list[torch.Tensor] = []
+        self.ids: list[str] = []
         self.skipped: list[Skipped] = []
         self.loss_sum = 0.0
 
@@ -194,18 +199,25 @@ class ClassifyMeter:
             return
         loss = self.task.loss(outputs, batch)
         self.loss_sum += float(loss.loss_sum)
-        self.probs.append(outputs["logits"].softmax(dim=-1).cpu())
+        self.probs.append(outputs["logits"].float().softmax(dim=-1).cpu())
         self.targets.append(batch.targets["labels"].cpu())
+        self.ids.extend(map(str, batch.ids))
 
     def compute(self) -> Metrics:
         if not self.probs:
             raise DataError(f"evaluation found no decodable image ({len(self.skipped)} skipped)")
         targets = torch.cat(self.targets)
-        metrics = classification_metrics(
-            torch.cat(self.probs), targets, self.classes, self.referable
-        )
+        probs = torch.cat(self.probs)
+        metrics = classification_metrics(probs, targets, self.classes, self.referable)
         metrics.scalars["loss"] = self.loss_sum / len(targets)
         metrics.tables["skipped"] = [{"id": s.sample_id, "reason": s.reason} for s in self.skipped]
+        picked = probs.gather(1, targets.long()[:, None])[:, 0].clamp(min=1e-12)
+        metrics.tables["samples"] = {
+            "ids": self.ids,
+            "targets": targets.tolist(),
+            "probs": [[round(p, 6) for p in row] for row in probs.tolist()],
+            "losses": [round(x, 6) for x in (-picked.log()).tolist()],
+        }
         return metrics
 
 
