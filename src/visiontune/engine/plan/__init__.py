@@ -8,6 +8,7 @@ searches the micro-batch and the changes that make it fit (`search`).
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,8 +18,10 @@ from visiontune.config.schema import Config, parse_duration
 from visiontune.engine.plan import search
 from visiontune.engine.plan.forecast import TimeBudget, counts, duration
 from visiontune.engine.plan.probe import Probe, measure
+from visiontune.runs.rundir import LOGGER
 
 PLAN_FILE = "plan.json"
+log = logging.getLogger(LOGGER)
 
 
 @dataclass
@@ -170,8 +173,12 @@ def row_of(probe: Probe) -> str:
     )
 
 
-def plan_for_run(cfg: Config, run_root: Path, steps: int = 5) -> Plan:
-    """`train.plan: true`: measure before training and write plan.json into the run."""
+def plan_for_run(cfg: Config, run_root: Path, steps: int = 8) -> Plan:
+    """`train.plan: true`: measure before training, log it and write plan.json into the run;
+    summary.json then sets the prediction against what the run measured."""
+    log.info("train.plan: measuring %d optimizer steps in a fresh process", steps)
     plan = make_plan(cfg, steps)
+    for line in describe(plan):
+        log.info("plan: %s", line)
     (run_root / PLAN_FILE).write_text(json.dumps(plan.to_json(), indent=2))
     return plan

@@ -83,8 +83,9 @@ class TrainForecast:
     """At the start of a `train`: the predicted total time once the first steps are timed,
     and a warning when the time limit can arrive before any checkpoint is written."""
 
-    def __init__(self, cfg: Config, total_steps: int, start_step: int, stop: StopRequest):
-        self.cfg, self.total_steps, self.start_step, self.stop = cfg, total_steps, start_step, stop
+    def __init__(self, cfg: Config, total_steps: int, stop: StopRequest):
+        self.cfg, self.total_steps, self.stop = cfg, total_steps, stop
+        self.start_step: int | None = None
         self.times: list[float] = []
         self.announced = False
 
@@ -93,6 +94,8 @@ class TrainForecast:
         (or at the last step of a shorter run)."""
         if self.announced:
             return
+        if self.start_step is None:
+            self.start_step = step - 1  # a resumed run starts after its checkpoint
         self.times.append(step_s)
         timed = self.times[WARMUP_STEPS:]
         if len(timed) < MEASURED_STEPS and step < self.total_steps:
@@ -139,5 +142,5 @@ class TrainForecast:
                 "no periodic checkpoint comes before the time limit (checkpoint.every_steps=%s):"
                 " if a step runs longer than measured, the limit is reached without a "
                 "checkpoint and steps %d-%d are lost; set checkpoint.every_steps=%d or less",
-                every, self.start_step + 1, reach, max(1, (reach - step) // 2),
+                every, (self.start_step or 0) + 1, reach, max(1, (reach - step) // 2),
             )  # fmt: skip

@@ -206,7 +206,7 @@ def run_child(tmp: Path) -> dict[str, Any]:
     save_s = time.monotonic() - started
     parts = parameter_parts(loop.runner.adapter)
     peak = peak_mb(device)
-    step_s = statistics.median(times[1:] or times)
+    step_s = statistics.median(times[len(times) // 2 :])  # the later half: past warm-up
     samples = cfg.train.micro_batch_size * cfg.train.grad_accum_steps
     return {
         "device": str(device),
