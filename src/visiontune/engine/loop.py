@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import resource
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
@@ -34,6 +33,7 @@ from visiontune.engine import state as st
 from visiontune.engine.optim import build_optimizer, build_scheduler
 from visiontune.engine.order import DataOrder
 from visiontune.engine.plan.forecast import TrainForecast
+from visiontune.engine.plan.probe import peak_mb
 from visiontune.engine.runner import Runner
 from visiontune.engine.state import TrainState
 from visiontune.engine.stop import EarlyStopping, StopRequest
@@ -476,6 +476,6 @@ def sample_lengths(dataset: Dataset) -> list[int]:
 
 
 def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """CUDA's max allocated, or VmHWM: ru_maxrss would carry over the RSS of the process that
+    started this one (Linux keeps it across fork and exec), e.g. a notebook's."""
+    return peak_mb(device)

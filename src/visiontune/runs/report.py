@@ -67,11 +67,17 @@ def plan_against_run(plan_file: Path, steps: list[dict[str, Any]]) -> dict[str, 
     return {
         "predicted_peak_memory_mb": predicted_peak,
         "measured_peak_memory_mb": measured_peak,
-        "peak_memory_ratio": measured_peak / predicted_peak if measured_peak else None,
+        "peak_memory_ratio": ratio(measured_peak, predicted_peak),
         "predicted_step_time_s": predicted_step,
         "measured_step_time_s": measured_step,
-        "step_time_ratio": measured_step / predicted_step if measured_step else None,
+        "step_time_ratio": ratio(measured_step, predicted_step),
+        "plan_error": plan["measurement"].get("error"),
     }
+
+
+def ratio(measured: float | None, predicted: float) -> float | None:
+    """None where either side is missing: a plan that failed to measure predicts nothing."""
+    return measured / predicted if measured and predicted else None
 
 
 def plot_training(run: RunDir, max_grad_norm: float | None) -> Path | None:
