@@ -169,11 +169,18 @@ def test_train_forecast_announces_once_and_warns_before_an_unprotected_time_limi
     )  # fmt: skip
     forecast = TrainForecast(cfg, 100, StopRequest(50, started=time.monotonic()))
     logger = logging.getLogger(LOGGER)
-    logger.propagate = True
-    with caplog.at_level(logging.INFO, logger=LOGGER):
+    propagate, logger.propagate = logger.propagate, False  # one capture, however set up
+    logger.addHandler(caplog.handler)
+    logger.setLevel(logging.INFO)
+    try:
         for step, seconds in enumerate([5.0, 1.0, 1.0, 1.0, 9.0], start=1):
             forecast.observe(step, seconds, has_eval=True)
+    finally:
+        logger.removeHandler(caplog.handler)
+        logger.propagate = propagate
     text = caplog.text
-    assert text.count("forecast from 3 measured steps: 1.0s per step, 96 steps left") == 1
+    forecasts = [r for r in caplog.records if r.getMessage().startswith("forecast from")]
+    assert len(forecasts) == 1
+    assert "forecast from 3 measured steps: 1.0s per step, 96 steps left" in text
     assert "ends this job at about step" in text
     assert "no periodic checkpoint comes before the time limit" in text
