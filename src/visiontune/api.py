@@ -21,6 +21,7 @@ from visiontune.config.schema import Config, parse_duration
 from visiontune.engine import checkpoint as ckpt
 from visiontune.engine import state as st
 from visiontune.engine.loop import Loop
+from visiontune.engine.plan import plan_for_run
 from visiontune.engine.runner import Runner
 from visiontune.engine.state import TrainState
 from visiontune.engine.stop import EXIT_RESUMABLE, StopRequest
@@ -100,6 +101,8 @@ def train_in(
     loop: Loop | None = None
     try:
         with Heartbeat(record):
+            if cfg.train.plan and not resume:
+                plan_for_run(cfg, run.root)
             loop = prepare_loop(cfg, run, resume, stop)
             if loop is None:
                 state = TrainState(stop_reason=stop.requested() or "time_limit")

@@ -151,6 +151,49 @@ def config_check(config: Path, overrides: Overrides = None) -> None:
     typer.echo(f"{config}: OK ({sizes}; {len(images)} image files decoded)")
 
 
+@app.command()
+@friendly
+def plan(
+    config: Annotated[Path, typer.Argument(help="YAML config file.")],
+    overrides: Overrides = None,
+    memory: Annotated[
+        str | None, typer.Option(help="Memory budget, e.g. 8GiB: search what fits it.")
+    ] = None,
+    time: Annotated[
+        str | None, typer.Option(help="Time limit, e.g. 8h (default: train.time_limit).")
+    ] = None,
+    steps: Annotated[int, typer.Option(min=2, help="Optimizer steps measured.")] = 5,
+    compare: Annotated[
+        str | None, typer.Option(help="Measure each value of a key: lora.rank=16,32,64")
+    ] = None,
+) -> None:
+    """Measure real optimizer steps: peak memory and its parts, step time, the predicted run
+    time against the time limit; with --memory, the micro-batch and the changes that fit."""
+    from visiontune import api
+    from visiontune.config import load_config
+    from visiontune.config.schema import parse_duration
+    from visiontune.engine.plan import describe, make_plan, parse_size
+    from visiontune.errors import ConfigError
+
+    cfg = load_config(config, overrides)
+    api.make_task(cfg).datasets()  # the config check's data errors, before any measuring
+    try:
+        budget = parse_size(memory) if memory else None
+        if time:
+            parse_duration(time)
+    except ValueError as err:
+        raise ConfigError([str(err)], source="plan options") from None
+    compared = None
+    if compare:
+        key, sep, values = compare.partition("=")
+        if not sep or not values:
+            raise ConfigError([f"--compare {compare!r}: use key=v1,v2"], source="plan options")
+        compared = (key, values.split(","))
+    result = make_plan(cfg, steps, budget, time, compared, say=typer.echo)
+    for line in describe(result, budget):
+        typer.echo(line)
+
+
 @app.command("eval")
 @friendly
 def evaluate(

@@ -155,6 +155,12 @@ class TrainConfig(Section):
     )
     detect_anomaly: bool = False
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    plan: bool = Field(
+        default=False,
+        description="Measure a few real steps in a separate process before training (as "
+        "`visiontune plan` does), write plan.json, and record predicted against measured "
+        "peak memory and step time in summary.json.",
+    )
 
     @field_validator("time_limit")
     @classmethod

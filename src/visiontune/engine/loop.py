@@ -32,6 +32,7 @@ from visiontune.engine import checkpoint as ckpt
 from visiontune.engine import state as st
 from visiontune.engine.optim import build_optimizer, build_scheduler
 from visiontune.engine.order import DataOrder, sample_lengths, train_indices
+from visiontune.engine.plan.forecast import TrainForecast
 from visiontune.engine.runner import Runner, peak_memory_mb
 from visiontune.engine.state import TrainState
 from visiontune.engine.stop import EarlyStopping, StopRequest
@@ -77,6 +78,7 @@ class Loop:
         self.state = TrainState()
         limit = parse_duration(cfg.train.time_limit) if cfg.train.time_limit else None
         self.stop = stop or StopRequest(limit)
+        self.forecast = TrainForecast(cfg, self.total_steps, self.stop)
         self._owns_stop = stop is None  # a caller's StopRequest covers set-up and the end too
         self.early = EarlyStopping(
             cfg.eval.mode, cfg.eval.patience, cfg.eval.min_delta, cfg.train.min_steps
@@ -121,6 +123,9 @@ class Loop:
                         raise TrainingError(advice) from None
                     progress.update(
                         self.state.step, record["loss"], record["lr"], record["samples_per_s"]
+                    )
+                    self.forecast.observe(
+                        self.state.step, record["step_time_s"], self.eval_dataset() is not None
                     )
                     if self.after_step():
                         break

@@ -122,6 +122,26 @@ class Runner:
 
 
 def peak_memory_mb(device: torch.device) -> float:
+    """High-water mark: CUDA's max allocated, or VmHWM on the CPU. Not ru_maxrss: Linux carries
+    it over from the process that started this one (across fork and exec), e.g. a notebook's."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    kb = _proc_status_kb("VmHWM")
+    return (kb or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024
+
+
+def current_memory_mb(device: torch.device) -> float:
+    """Memory held now: CUDA tensors, or the resident set (VmRSS) on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / 2**20
+    return _proc_status_kb("VmRSS") / 1024
+
+
+def _proc_status_kb(key: str) -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(f"{key}:"):
+                return float(line.split()[1])
+    except OSError:
+        pass
+    return 0.0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import asdict
 from pathlib import Path
@@ -45,12 +46,38 @@ def write_summary(
         "wall_time_s": round(wall_time_s, 2),
         "state": asdict(state),
     }
+    if (run.root / "plan.json").is_file():
+        summary["plan"] = plan_against_run(run.root / "plan.json", steps)
     run.write_json(run.summary, summary)
     for name, verdict in verdicts.items():
         mark = "PASS" if verdict["passed"] else "FAIL"
         criterion, value = verdict["criterion"], verdict["value"]
         log.info("acceptance %s: %s %s (value %s)", mark, name, criterion, value)
     return summary
+
+
+def plan_against_run(plan_file: Path, steps: list[dict[str, Any]]) -> dict[str, Any]:
+    """train.plan's prediction next to what the run measured: peak memory (the highest per-step
+    peak) and step time (the median after the first step, as the plan measures it)."""
+    plan = json.loads(plan_file.read_text())
+    times = sorted(r["step_time_s"] for r in steps[1:]) or [r["step_time_s"] for r in steps]
+    measured_peak = max((r["peak_memory_mb"] for r in steps), default=None)
+    measured_step = times[len(times) // 2] if times else None
+    predicted_peak, predicted_step = plan["predicted_peak_memory_mb"], plan["predicted_step_time_s"]
+    return {
+        "predicted_peak_memory_mb": predicted_peak,
+        "measured_peak_memory_mb": measured_peak,
+        "peak_memory_ratio": ratio(measured_peak, predicted_peak),
+        "predicted_step_time_s": predicted_step,
+        "measured_step_time_s": measured_step,
+        "step_time_ratio": ratio(measured_step, predicted_step),
+        "plan_error": plan["measurement"].get("error"),
+    }
+
+
+def ratio(measured: float | None, predicted: float) -> float | None:
+    """None where either side is missing: a plan that failed to measure predicts nothing."""
+    return measured / predicted if measured and predicted else None
 
 
 def plot_training(run: RunDir, max_grad_norm: float | None) -> Path | None:
