@@ -155,10 +155,14 @@ def _schedule_hint(steps: list[dict[str, Any]], expected: list[float]) -> str:
         if logged[i] < 0.5 * logged[i - 1] and expected[i] > 0.9 * expected[i - 1]:
             step = steps[i]["step"]
             return f"the lr fell back at step {step}: a resume that restarted the schedule?"
-    slower = sum(got < 0.99 * want for got, want in zip(logged, expected, strict=True))
-    if slower > len(logged) / 2:
+    peak = max(expected)
+    reached = [r["step"] for r, got in zip(steps, logged, strict=True) if got >= 0.99 * peak]
+    due = next(r["step"] for r, want in zip(steps, expected, strict=True) if want >= 0.99 * peak)
+    if not reached or reached[0] > due:
+        when = f"at step {reached[0]}" if reached else "never"
         return (
-            "the logged lr stays below the schedule: warm-up counted in micro-batches or samples?"
+            f"the logged lr reaches the peak {when} instead of at step {due}: warm-up counted "
+            "in micro-batches or samples?"
         )
     return "compare the two lr curves in the figure"
 
