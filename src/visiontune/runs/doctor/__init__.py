@@ -39,7 +39,7 @@ def diagnose(run_dir: Path, figure: bool = True) -> Report:
     evidence = load_evidence(Path(run_dir))
     report = Report(run_dir=Path(run_dir), notes=list(evidence.notes))
     for rule in RULES:
-        report.add(rule.__name__, rule(evidence))
+        report.findings.extend(rule(evidence))
     if figure and evidence.steps:
         from visiontune.runs.doctor.figure import plot_doctor
 

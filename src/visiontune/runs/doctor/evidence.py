@@ -39,9 +39,6 @@ class Report:
     notes: list[str] = field(default_factory=list)
     figure: Path | None = None
 
-    def add(self, rule: str, findings: list[Finding]) -> None:
-        self.findings.extend(findings)
-
     def of(self, level: Level) -> list[Finding]:
         return [f for f in self.findings if f.level == level]
 
