@@ -212,6 +212,16 @@ def evaluate(
 
 @app.command()
 @friendly
+def doctor(run: Annotated[Path, typer.Argument(help="Run directory.")]) -> None:
+    """What a run's curves, data and settings mean: findings with their numbers and a figure
+    (figures/doctor.png); also on a run still training or one killed mid-write."""
+    from visiontune.runs.doctor import diagnose
+
+    typer.echo(diagnose(run).text())
+
+
+@app.command()
+@friendly
 def predict(
     run: Annotated[Path, typer.Argument(help="Run directory.")],
     inputs: Annotated[list[Path] | None, typer.Argument(help="Image files or folders.")] = None,

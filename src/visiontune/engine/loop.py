@@ -158,6 +158,7 @@ class Loop:
         parts: dict[str, torch.Tensor] = {}
         finite = torch.ones((), dtype=torch.bool, device=self.device)
         divisor: torch.Tensor | None = None
+        micro_means: list[torch.Tensor] = []  # sampling noise for `visiontune doctor`
         for micro in window:
             out = self.task.loss(self.runner.forward(micro), micro)
             items = torch.as_tensor(out.count, device=self.device, dtype=torch.float32)
@@ -168,6 +169,7 @@ class Loop:
             precision.backward(out.loss_sum / divisor)
             loss_sum += out.loss_sum.detach().float()
             count += items
+            micro_means.append(out.loss_sum.detach().float() / items.clamp(min=1))
             finite &= torch.isfinite(out.loss_sum.detach())
             for name, value in out.parts.items():
                 parts[name] = parts.get(name, 0.0) + value.detach().float()
@@ -209,6 +211,7 @@ class Loop:
             "step": self.state.step,
             "epoch": round(self.state.step / self.updates_per_epoch, 4),
             "loss": loss_sum.item() / items,
+            "micro_losses": torch.stack(micro_means).tolist(),  # one read for the window
             **{f"loss.{name}": float(value) / items for name, value in parts.items()},
             "lr": lr,
             "grad_norm": grad_norm,
@@ -220,7 +223,8 @@ class Loop:
         }
         self.rundir.append_jsonl(self.rundir.metrics, record)
         if self.tracker:
-            self.tracker.log(self.state.step, record, "train")
+            scalars = {k: v for k, v in record.items() if k != "micro_losses"}
+            self.tracker.log(self.state.step, scalars, "train")
         return record
 
     def after_step(self) -> bool:
