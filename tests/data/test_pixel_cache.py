@@ -154,7 +154,7 @@ def test_memory_cache_is_shared_by_workers_and_removed_at_exit(
     assert len(list(cache.directory.rglob("*.safetensors"))) == 23
     again = [s["pixel_values"] for b in loader for s in b]
     assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
-    script = textwrap.dedent(f"""
+    script = textwrap.dedent("""
         from visiontune.config.schema import DataConfig
         from visiontune.data.pixel_cache import PixelCache
         cache = PixelCache.from_config(DataConfig(train=".", cache="memory"), "k")
@@ -192,8 +192,10 @@ def test_a_full_disk_stops_caching_and_training_data_keeps_coming(tmp_path: Path
     mount.mkdir()
     (tmp_path / "script.py").write_text(FULL_DISK)
     # 64 px entries are 12 KiB each: a 32 KiB file system holds two of the six.
-    command = (f"mount -t tmpfs -o size=32k tmpfs {mount} && "
-               f"{sys.executable} {tmp_path / 'script.py'} {tmp_path / 'images'} {mount}/cache")
+    command = (
+        f"mount -t tmpfs -o size=32k tmpfs {mount} && "
+        f"{sys.executable} {tmp_path / 'script.py'} {tmp_path / 'images'} {mount}/cache"
+    )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     done = subprocess.run(["unshare", "-rm", "sh", "-c", command], capture_output=True,
                           text=True, env=env)  # fmt: skip

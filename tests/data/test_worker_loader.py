@@ -93,9 +93,7 @@ def test_persistent_workers_still_augment_differently_every_epoch(
     for epoch in (0, 1, 2):
         batches = list(loader.epoch(epoch))
         workers.append([w.pid for w in loader.loader._iterator._workers])  # type: ignore[union-attr]
-        seen[epoch] = {
-            i: b.inputs["pixel_values"][k] for b in batches for k, i in enumerate(b.ids)
-        }
+        seen[epoch] = {i: b.inputs["pixel_values"][k] for b in batches for k, i in enumerate(b.ids)}
     assert workers[0] == workers[1] == workers[2]  # the same processes every epoch
     reference = ClassifyTask(cfg.model_copy(update={"data": cfg.data.model_copy(
         update={"num_workers": 0})})).datasets().train  # fmt: skip
