@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -115,7 +115,27 @@ class DataConfig(Section):
     )
     preprocess: Preprocess = Preprocess()
     augment: dict[Literal["train", "val", "test"], Augment] = Field(default_factory=dict)
-    num_workers: int = Field(default=0, ge=0)
+    num_workers: Literal["auto"] | Annotated[int, Field(ge=0)] = Field(
+        default="auto",
+        description="Processes that decode images while the model trains; auto: the cores "
+        "this process may use minus one (at most 8), 0 where workers cannot start.",
+    )
+    pin_memory: bool = Field(
+        default=True, description="On CUDA: page-locked batches, copied without blocking."
+    )
+    prefetch_factor: int = Field(default=2, ge=1, description="Batches queued per worker.")
+    persistent_workers: bool = Field(
+        default=True, description="Keep the workers (and their caches) from epoch to epoch."
+    )
+    cache: Literal["disk", "memory", "none"] = Field(
+        default="none",
+        description="Keep each decoded, resized image (uint8, before augmentation) so later "
+        "epochs skip decoding: disk (data.cache_dir, shared by runs), memory (RAM for this "
+        "run, shared by its workers), none.",
+    )
+    cache_dir: Path | None = Field(
+        default=None, description="Where data.cache: disk writes; default ~/.cache/visiontune."
+    )
     max_bad_samples: int = Field(
         default=10,
         ge=0,

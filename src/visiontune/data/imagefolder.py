@@ -35,8 +35,10 @@ from visiontune.data.images import (
     ImageSpec,
     decode_image,
     normalise,
-    to_unit_tensor,
+    preprocessing_key,
+    to_pixels,
 )
+from visiontune.data.pixel_cache import PixelCache
 from visiontune.errors import ConfigError, DataError, located
 from visiontune.task import Skipped, Splits
 
@@ -69,10 +71,16 @@ class ImageClassificationDataset(Dataset):
     """Labelled images, preprocessed (and augmented when configured) on access."""
 
     def __init__(
-        self, records: list[Record], spec: ImageSpec, augment: Augment | None, seed: int
+        self,
+        records: list[Record],
+        spec: ImageSpec,
+        augment: Augment | None,
+        seed: int,
+        cache: PixelCache | None = None,
     ) -> None:
         self.records = records
         self.spec = spec
+        self.cache = cache
         self.augmenter = Augmenter(augment or Augment(), spec.size, seed)
         self.epoch = 0
 
@@ -99,7 +107,7 @@ class ImageClassificationDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any] | Skipped:
         record = self.records[index]
         try:
-            unit = to_unit_tensor(decode_image(record.path), self.spec)
+            unit = self.pixels(record.path).float() / 255.0
         except DataError as err:
             return Skipped(record.sample_id, str(err))
         unit = self.augmenter(unit, self.epoch, index)
@@ -108,6 +116,13 @@ class ImageClassificationDataset(Dataset):
             "label": record.label,
             "id": record.sample_id,
         }
+
+    def pixels(self, path: Path) -> torch.Tensor:
+        """The padded, resized uint8 image, from the cache when one is configured."""
+        if self.cache is None:
+            return to_pixels(decode_image(path), self.spec)
+        entry = self.cache.load(path, lambda: {"image": to_pixels(decode_image(path), self.spec)})
+        return entry["image"]
 
 
 def build_splits(cfg: Config, spec: ImageSpec) -> tuple[list[str], Splits]:
@@ -138,12 +153,13 @@ def build_splits(cfg: Config, spec: ImageSpec) -> tuple[list[str], Splits]:
     if problems:
         raise ConfigError(problems, source="data")
     _warn_gaps(classes, records["train"])
+    cache = PixelCache.from_config(data, preprocessing_key(spec)) if records else None
 
     def make(split: str) -> ImageClassificationDataset | None:
         if split not in records:
             return None
         return ImageClassificationDataset(
-            records[split], spec, data.augment.get(split), cfg.train.seed
+            records[split], spec, data.augment.get(split), cfg.train.seed, cache
         )
 
     train = make("train")

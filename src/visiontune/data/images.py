@@ -109,13 +109,22 @@ def pad_to_square(img: Image.Image) -> Image.Image:
     return canvas
 
 
-def to_unit_tensor(img: Image.Image, spec: ImageSpec) -> torch.Tensor:
-    """Pad, resize and scale to a CHW float tensor in [0, 1] (augmentation works on this)."""
+def to_pixels(img: Image.Image, spec: ImageSpec) -> torch.Tensor:
+    """Pad and resize to a CHW uint8 tensor: the deterministic part, which a cache can keep."""
     if spec.pad_to_square:
         img = pad_to_square(img)
     img = img.resize((spec.size, spec.size), Image.Resampling.BICUBIC)
-    array = np.asarray(img, dtype=np.float32) / 255.0
-    return torch.from_numpy(array).permute(2, 0, 1)
+    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+
+
+def to_unit_tensor(img: Image.Image, spec: ImageSpec) -> torch.Tensor:
+    """Pad, resize and scale to a CHW float tensor in [0, 1] (augmentation works on this)."""
+    return to_pixels(img, spec).float() / 255.0
+
+
+def preprocessing_key(spec: ImageSpec) -> str:
+    """What `to_pixels` depends on, for the pixel cache's keys (mean/std come later)."""
+    return f"square:{spec.size}:pad={spec.pad_to_square}:bicubic:exif-rgb8"
 
 
 def normalise(unit: torch.Tensor, spec: ImageSpec) -> torch.Tensor:

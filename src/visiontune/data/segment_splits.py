@@ -10,9 +10,10 @@ from pathlib import Path
 
 from visiontune.config.schema import Config, SegmentTaskConfig
 from visiontune.data.coco import read_coco_split
-from visiontune.data.images import ImageSpec
+from visiontune.data.images import ImageSpec, preprocessing_key
 from visiontune.data.labelme import LabelMap, read_labelme_split
 from visiontune.data.masks import read_mask_folder
+from visiontune.data.pixel_cache import PixelCache
 from visiontune.data.segmentation import (
     Frame,
     SampleOptions,
@@ -44,6 +45,8 @@ def build_splits(cfg: Config, frame: Frame, clip_spec: ImageSpec | None) -> Spli
             records["train"], data.val_fraction, cfg.train.seed
         )
     raise_problems(problems, "data")
+    clip = f"|clip:{preprocessing_key(clip_spec)}" if clip_spec is not None else ""
+    cache = PixelCache.from_config(data, frame.preprocessing_key() + clip)
 
     def make(split: str) -> SegmentationDataset | None:
         if split not in records:
@@ -56,7 +59,7 @@ def build_splits(cfg: Config, frame: Frame, clip_spec: ImageSpec | None) -> Spli
             seed=cfg.train.seed,
             train=split == "train",
         )
-        return SegmentationDataset(records[split], frame, options, data.augment.get(split))
+        return SegmentationDataset(records[split], frame, options, data.augment.get(split), cache)
 
     train = make("train")
     assert train is not None

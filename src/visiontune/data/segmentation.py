@@ -25,7 +25,13 @@ from torch.utils.data import Dataset
 
 from visiontune.config.schema import Augment
 from visiontune.data.augment import sample_seed
-from visiontune.data.images import ImageSpec, decode_image, normalise, to_unit_tensor
+from visiontune.data.images import (
+    ImageSpec,
+    decode_image,
+    normalise,
+    to_pixels,
+)
+from visiontune.data.pixel_cache import PixelCache, Pixels
 from visiontune.errors import DataError
 from visiontune.task import Skipped
 
@@ -114,9 +120,16 @@ class Frame:
 
     def unit_image(self, image: Image.Image) -> torch.Tensor:
         """Resized (not yet padded) CHW float image in [0, 1]."""
+        return self.frame_pixels(image).float() / 255.0
+
+    def frame_pixels(self, image: Image.Image) -> torch.Tensor:
+        """Resized (not yet padded) CHW uint8 image: what the pixel cache keeps."""
         h, w = self.resized_hw(image.height, image.width)
-        array = np.asarray(image.resize((w, h), Image.Resampling.BILINEAR), dtype=np.float32)
-        return torch.from_numpy(array / 255.0).permute(2, 0, 1).contiguous()
+        array = np.array(image.resize((w, h), Image.Resampling.BILINEAR), dtype=np.uint8)
+        return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+    def preprocessing_key(self) -> str:
+        return f"sam-frame:{self.size}:bilinear:exif-rgb8"
 
     def resize_masks(self, masks: list[np.ndarray], height: int, width: int) -> torch.Tensor:
         h, w = self.resized_hw(height, width)
@@ -189,10 +202,12 @@ class SegmentationDataset(Dataset):
         frame: Frame,
         options: SampleOptions,
         augment: Augment | None = None,
+        cache: PixelCache | None = None,
     ) -> None:
         self.records = records
         self.frame = frame
         self.options = options
+        self.cache = cache
         self.pipeline = joint_pipeline(augment)
         self.epoch = 0
 
@@ -219,8 +234,9 @@ class SegmentationDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any] | Skipped:
         record = self.records[index]
         try:
-            image = decode_image(record.image)
-            masks = record.masks.render(image.width, image.height, self.options.merge)
+            pixels = self.pixels(record.image)
+            height, width = (int(v) for v in pixels["size"])
+            masks = record.masks.render(width, height, self.options.merge)
         except DataError as err:
             return Skipped(record.sample_id, str(err))
         if not masks:
@@ -228,8 +244,8 @@ class SegmentationDataset(Dataset):
         if all(bool((m == IGNORE).all()) for m in masks):
             return Skipped(record.sample_id, "mask is entirely ignore (255): nothing to score")
         seed = sample_seed(self.options.seed, self.epoch if self.options.train else 0, index)
-        unit = self.frame.unit_image(image)
-        frame_masks = self.frame.resize_masks(masks, image.height, image.width)
+        unit = pixels["frame"].float() / 255.0
+        frame_masks = self.frame.resize_masks(masks, height, width)
         eval_masks = torch.from_numpy(np.stack(masks))
         if self.pipeline is not None:
             unit, frame_masks = self._augment(unit, frame_masks, seed)
@@ -255,9 +271,26 @@ class SegmentationDataset(Dataset):
             texts = record.texts
             sample["text"] = random.Random(seed).choice(texts) if self.options.train else texts[0]
         if self.options.clip_spec is not None:
-            spec = self.options.clip_spec
-            sample["clip_pixel_values"] = normalise(to_unit_tensor(image, spec), spec)
+            sample["clip_pixel_values"] = normalise(
+                pixels["clip"].float() / 255.0, self.options.clip_spec
+            )
         return sample
+
+    def pixels(self, path: Path) -> Pixels:
+        """The SAM-frame view (and the CLIP view when there is one) as uint8, plus the
+        original (height, width) the masks are drawn at; from the cache when configured."""
+
+        def make() -> Pixels:
+            image = decode_image(path)
+            views = {
+                "frame": self.frame.frame_pixels(image),
+                "size": torch.tensor([image.height, image.width], dtype=torch.int64),
+            }
+            if self.options.clip_spec is not None:
+                views["clip"] = to_pixels(image, self.options.clip_spec)
+            return views
+
+        return make() if self.cache is None else self.cache.load(path, make)
 
     def _augment(
         self, unit: torch.Tensor, masks: torch.Tensor, seed: int

@@ -24,12 +24,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from visiontune.config.load import config_hash, dump_yaml, load_config
 from visiontune.config.schema import Config, parse_duration
 from visiontune.engine import checkpoint as ckpt
 from visiontune.engine import state as st
+from visiontune.engine.loader import TrainLoader
 from visiontune.engine.optim import build_optimizer, build_scheduler
 from visiontune.engine.order import DataOrder, sample_lengths, train_indices
 from visiontune.engine.plan.forecast import TrainForecast
@@ -85,6 +86,7 @@ class Loop:
         )
         self.tracker = TensorBoard(run.root / "tensorboard") if cfg.tracking.tensorboard else None
         self._batches: Iterator[Batch] | None = None
+        self._loader: TrainLoader | None = None  # built at the first batch, after any resume
         self._step_seconds = 0.0
         self._save_seconds = 0.0
         self._eval_seconds = 0.0
@@ -284,19 +286,12 @@ class Loop:
         return window
 
     def epoch_batches(self) -> Iterator[Batch]:
-        dataset = self.splits.train
-        if hasattr(dataset, "set_epoch"):
-            dataset.set_epoch(self.state.epoch)
-        loader = DataLoader(
-            dataset,
-            batch_sampler=list(
-                self.order.epoch_batches(self.state.epoch, self.state.batch_in_epoch)
-            ),
-            collate_fn=self.task.collate,
-            num_workers=self.cfg.data.num_workers,
-            generator=torch.Generator(),  # keeps the global RNG untouched (exact resume)
-        )
-        return iter(loader)
+        """The current epoch's batches from the saved position, read by the run's workers."""
+        if self._loader is None:
+            self._loader = TrainLoader(
+                self.splits.train, self.order, self.task.collate, self.cfg.data, self.device
+            )
+        return self._loader.epoch(self.state.epoch, self.state.batch_in_epoch)
 
     def count_skipped(self, batch: Batch) -> None:
         for skipped in batch.skipped:

@@ -13,9 +13,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from visiontune.config.schema import Config
+from visiontune.engine.loader import eval_loader
 from visiontune.engine.precision import Precision, resolve_device
 from visiontune.task import Batch, Metrics, ModelAdapter, Outputs, Task
 
@@ -89,13 +90,8 @@ class Runner:
         The loader gets its own generator: creating its iterator would otherwise draw from the
         global RNG, and the evaluation cadence would change the training trajectory.
         """
-        loader = DataLoader(
-            dataset,
-            batch_size=self.cfg.eval.batch_size or self.cfg.train.micro_batch_size,
-            collate_fn=task.collate,
-            num_workers=self.cfg.data.num_workers,
-            generator=torch.Generator(),
-        )
+        batch_size = self.cfg.eval.batch_size or self.cfg.train.micro_batch_size
+        loader = eval_loader(dataset, batch_size, task.collate, self.cfg.data, self.device)
         was_training = self.model.training
         self.model.eval()
         meter = task.meter()
