@@ -56,6 +56,9 @@ def tiny_config(data_root: Path, out: Path, **sections: Any) -> Config:
             "train": str(data_root / "train"),
             "val": str(data_root / "val"),
             "preprocess": {"size": 16, "mean": [0.5] * 3, "std": [0.5] * 3},
+            # in-process loading: a worker per loader costs more than these 16 px images
+            # (tests/data/test_worker_loader.py covers workers)
+            "num_workers": 0,
         },
         "train": {"micro_batch_size": 4, "max_steps": 6, "seed": 0, "log_every": 1},
         "optim": {"lr": 0.01},

@@ -59,6 +59,7 @@ def ground_config(tiny_data: Path) -> Callable[..., Config]:
             f"data.val={tiny_data / 'val.jsonl'}",
             f"task.processor={tiny_data / 'processor'}",
             f"output_dir={out}",
+            "data.num_workers=0",
         ]
         return load_config(TINY_YAML, [*paths, *overrides])
 

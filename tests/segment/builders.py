@@ -23,7 +23,7 @@ def segment_config(data: dict[str, Any], task: dict[str, Any], **sections: Any) 
     """A Config with the tiny SAM, the given data/task sections and short training."""
     raw: dict[str, Any] = {
         "model": {"config": tiny_sam()},
-        "data": data,
+        "data": {"num_workers": 0, **data},
         "task": {"type": "segment", **task},
         "train": {"max_steps": 2, "micro_batch_size": 4},
     }

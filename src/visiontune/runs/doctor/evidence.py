@@ -110,6 +110,10 @@ class Evidence:
         longer loads: data checks then say so instead of failing the whole diagnosis."""
         if self.cfg is None:
             return None
+        if not Path(self.cfg.data.train).exists():
+            # checked first: building the task would fetch a hub model's processor for nothing
+            self.notes.append(f"data.train {self.cfg.data.train} no longer exists; data not checked")
+            return None
         from visiontune import api
 
         logging.getLogger(LOGGER).disabled = True  # the loaders' own warnings are not findings
