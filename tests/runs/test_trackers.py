@@ -103,3 +103,26 @@ def test_wandb_offline_run_holds_the_config_and_every_step(tracked_run: Path) ->
     )
     evals = read_jsonl(tracked_run / "eval.jsonl")
     assert [logged[e["step"]]["eval/accuracy"] for e in evals] == [e["accuracy"] for e in evals]
+
+
+def test_a_run_that_fails_reads_failed_in_mlflow(image_data: Path, tmp_path: Path) -> None:
+    """The loop closes its trackers in a `finally`; an exception passing through marks the
+    MLflow run FAILED, not FINISHED."""
+    mlflow = pytest.importorskip("mlflow")
+    from visiontune.runs.rundir import RunDir
+    from visiontune.runs.trackers import build_trackers
+
+    cfg = tiny_config(image_data, tmp_path, tracking={"mlflow": {}})
+    (tmp_path / "tiny").mkdir()
+    trackers = build_trackers(cfg, RunDir(tmp_path / "tiny"))
+    assert trackers is not None
+    with pytest.raises(RuntimeError):
+        try:
+            trackers.log(1, {"loss": 1.5, "clipped": True, "grad_norm": float("nan")}, "train")
+            raise RuntimeError("the loop failed")
+        finally:
+            trackers.close()
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("visiontune").experiment_id])
+    assert run.info.status == "FAILED"
+    assert run.data.metrics == {"train/loss": 1.5, "train/clipped": 1.0}  # NaN left out

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Protocol
@@ -126,13 +127,15 @@ class MLflow:
         self.client.log_batch(self.run_id, metrics=metrics)
 
     def close(self) -> None:
+        """Called from the loop's `finally`: an exception on its way out marks the run FAILED."""
+        failed = sys.exc_info()[0] is not None
         for name in ARTIFACTS:
             path = self.run_dir.root / name
             if path.is_dir():
                 self.client.log_artifacts(self.run_id, str(path), artifact_path=name)
             elif path.is_file():
                 self.client.log_artifact(self.run_id, str(path))
-        self.client.set_terminated(self.run_id, "FINISHED")
+        self.client.set_terminated(self.run_id, "FAILED" if failed else "FINISHED")
 
 
 class WandB:
@@ -158,4 +161,5 @@ class WandB:
         self.run.log({f"{prefix}/{k}": v for k, v in numbers(scalars).items()}, step=step)
 
     def close(self) -> None:
-        self.run.finish()
+        """Called from the loop's `finally`: an exception on its way out marks the run failed."""
+        self.run.finish(exit_code=1 if sys.exc_info()[0] is not None else 0)
