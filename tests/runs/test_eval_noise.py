@@ -76,6 +76,8 @@ def test_the_best_against_the_first_matches_scipys_paired_bootstrap(
     noise = best_against_first(run, "accuracy", 20, resamples=4000)
     assert noise is not None
     difference = correct[20].astype(float) - correct[10].astype(float)
+    assert noise["first"] == pytest.approx(correct[10].mean())
+    assert noise["best"] == pytest.approx(correct[20].mean())
     assert noise["difference"] == pytest.approx(difference.mean())
     ours = noise["difference_ci95"]
     theirs = stats.bootstrap(

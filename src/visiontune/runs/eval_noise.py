@@ -14,7 +14,17 @@ import json
 from pathlib import Path
 from typing import Any
 
-from visiontune.runs.bootstrap import Interval, Samples, intervals, paired_difference, verdict
+import numpy as np
+
+from visiontune.runs.bootstrap import (
+    Interval,
+    Samples,
+    confusions,
+    intervals,
+    metrics_from_confusions,
+    paired_difference,
+    verdict,
+)
 from visiontune.runs.rundir import RunDir, read_jsonl
 
 EVALS_DIR = "evals"
@@ -70,17 +80,23 @@ def best_against_first(
     differences = paired_difference(first, best, resamples)
     if metric not in differences:
         return None
-    single = {step: intervals(saved[step], resamples)[metric] for step in (first_step, best_step)}
+    before, after = point(first, metric), point(best, metric)
     difference = differences[metric]
     return {
         "metric": metric,
         "first_step": first_step,
         "best_step": best_step,
-        "first": single[first_step].value,
-        "best": single[best_step].value,
+        "first": before,
+        "best": after,
         "difference": difference.value,
         "difference_ci95": [difference.low, difference.high],
         "exceeds_noise": difference.low > 0 or difference.high < 0,
         "resamples": resamples,
-        "verdict": verdict(metric, single[first_step].value, single[best_step].value, difference),
+        "verdict": verdict(metric, before, after, difference),
     }
+
+
+def point(samples: Samples, metric: str) -> float:
+    """The metric on all the samples, no resampling."""
+    whole = confusions(samples, np.arange(len(samples.targets))[None])
+    return float(metrics_from_confusions(whole, samples.classes)[metric][0])
