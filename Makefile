@@ -18,7 +18,7 @@ $(VENV)/.installed-demo: pyproject.toml | $(BIN)/python
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e ".[test,demo,bench,quant]"
+	$(BIN)/pip install --quiet -e ".[test,demo,bench,quant,mlflow,wandb]"
 	touch $@
 
 demo: $(VENV)/.installed-demo

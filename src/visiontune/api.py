@@ -121,7 +121,7 @@ def train_in(
         ledger.write_cache(cfg.output_dir)
         raise
     if loop is not None:
-        plot_training(run, cfg.train.max_grad_norm)
+        plot_training(run, cfg.train.max_grad_norm, cfg.tracking.bootstrap_samples)
     adapter = loop.runner.adapter if loop is not None else None
     summary = write_summary(run, cfg, state, adapter, time.monotonic() - started)
     record.finish(summary)

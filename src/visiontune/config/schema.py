@@ -241,8 +241,37 @@ class EvalConfig(Section):
     batch_size: int | None = Field(default=None, ge=1)
 
 
+class MlflowConfig(Section):
+    tracking_uri: str | None = Field(
+        default=None,
+        description="MLflow store, e.g. sqlite:///mlflow.db; default: a SQLite file "
+        "mlflow.db in output_dir (artifacts beside it in mlartifacts/).",
+    )
+    experiment: str = "visiontune"
+
+
+class WandbConfig(Section):
+    project: str = "visiontune"
+    mode: Literal["offline", "online"] = Field(
+        default="offline",
+        description="offline writes the run under the run directory's wandb/ "
+        "(upload later with `wandb sync`).",
+    )
+
+
 class TrackingConfig(Section):
     tensorboard: bool = False
+    mlflow: MlflowConfig | None = Field(
+        default=None, description="Mirror params, metrics and artifacts to MLflow."
+    )
+    wandb: WandbConfig | None = Field(
+        default=None, description="Mirror params and metrics to Weights & Biases."
+    )
+    bootstrap_samples: int = Field(
+        default=2000,
+        ge=100,
+        description="Resamples of the bootstrap 95% intervals around evaluation metrics.",
+    )
     cost_per_gpu_hour: float = Field(
         default=0.0, ge=0, description="Price of one device-hour; runs record their cost."
     )

@@ -40,9 +40,10 @@ from visiontune.engine.stop import EarlyStopping, StopRequest
 from visiontune.errors import TrainingError
 from visiontune.metrics.acceptance import judge
 from visiontune.runs.budget import over_budget
+from visiontune.runs.eval_noise import save_eval_samples
 from visiontune.runs.progress import TrainProgress
 from visiontune.runs.rundir import LOGGER, RunDir
-from visiontune.runs.trackers import TensorBoard
+from visiontune.runs.trackers import build_trackers
 from visiontune.task import Batch, Metrics, Splits, Task, resolved_config
 
 log = logging.getLogger(LOGGER)
@@ -84,7 +85,7 @@ class Loop:
         self.early = EarlyStopping(
             cfg.eval.mode, cfg.eval.patience, cfg.eval.min_delta, cfg.train.min_steps
         )
-        self.tracker = TensorBoard(run.root / "tensorboard") if cfg.tracking.tensorboard else None
+        self.tracker = build_trackers(cfg, run)
         self._batches: Iterator[Batch] | None = None
         self._loader: TrainLoader | None = None  # built at the first batch, after any resume
         self._step_seconds = 0.0
@@ -337,6 +338,7 @@ class Loop:
             self.state.evals_without_improvement += 1
         self.state.last_eval = {"step": self.state.step, **scalars}
         self.rundir.append_jsonl(self.rundir.evals, {"step": self.state.step, **scalars})
+        save_eval_samples(self.rundir, self.state.step, metrics.tables)  # intervals, later
         if self.tracker:
             self.tracker.log(self.state.step, scalars, "eval")
         shown = ", ".join(f"{k} {v:.4f}" for k, v in list(scalars.items())[:6])

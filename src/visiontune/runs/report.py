@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from visiontune.config.schema import Config
+from visiontune.runs.bootstrap import DEFAULT_RESAMPLES
+from visiontune.runs.eval_noise import best_against_first, eval_intervals
 from visiontune.runs.rundir import LOGGER, RunDir, read_jsonl
 
 if TYPE_CHECKING:
@@ -46,6 +48,10 @@ def write_summary(
         "wall_time_s": round(wall_time_s, 2),
         "state": asdict(state),
     }
+    resamples = cfg.tracking.bootstrap_samples
+    noise = best_against_first(run, cfg.eval.metric, state.best_step, resamples)
+    if noise is not None:
+        summary["best_against_first"] = noise
     if (run.root / "plan.json").is_file():
         summary["plan"] = plan_against_run(run.root / "plan.json", steps)
     run.write_json(run.summary, summary)
@@ -53,6 +59,11 @@ def write_summary(
         mark = "PASS" if verdict["passed"] else "FAIL"
         criterion, value = verdict["criterion"], verdict["value"]
         log.info("acceptance %s: %s %s (value %s)", mark, name, criterion, value)
+    if noise is not None:
+        log.info(
+            "best evaluation (step %d) against the first (step %d): %s",
+            noise["best_step"], noise["first_step"], noise["verdict"],
+        )  # fmt: skip
     return summary
 
 
@@ -80,8 +91,12 @@ def ratio(measured: float | None, predicted: float) -> float | None:
     return measured / predicted if measured and predicted else None
 
 
-def plot_training(run: RunDir, max_grad_norm: float | None) -> Path | None:
-    """Loss (raw and smoothed), learning rate, gradient norm and eval metrics over steps."""
+def plot_training(
+    run: RunDir, max_grad_norm: float | None, resamples: int = DEFAULT_RESAMPLES
+) -> Path | None:
+    """Loss (raw and smoothed), learning rate, gradient norm and eval metrics over steps,
+    each eval metric with its bootstrap 95% interval band where per-sample predictions were
+    saved."""
     steps = read_jsonl(run.metrics)
     if not steps:
         return None
@@ -116,9 +131,21 @@ def plot_training(run: RunDir, max_grad_norm: float | None) -> Path | None:
     ax.legend()
     ax = axes[1][1]
     if evals:
+        bands = eval_intervals(run, resamples)
         for key in [k for k in evals[-1] if k not in {"step", "loss"} and "." not in k][:5]:
-            ax.plot([e["step"] for e in evals], [e.get(key) for e in evals], "o-", label=key)
-        ax.legend()
+            (line,) = ax.plot(
+                [e["step"] for e in evals], [e.get(key) for e in evals], "o-", label=key
+            )
+            band = [(s, b[key]) for s, b in bands.items() if key in b]
+            if band:
+                ax.fill_between(
+                    [s for s, _ in band],
+                    [i.low for _, i in band],
+                    [i.high for _, i in band],
+                    color=line.get_color(),
+                    alpha=0.15,
+                )
+        ax.legend(title="shaded: bootstrap 95% interval" if bands else None)
     ax.set(title="evaluation", xlabel="optimizer step")
     fig.tight_layout()
     run.figures.mkdir(exist_ok=True)

@@ -112,7 +112,9 @@ class Evidence:
             return None
         if not Path(self.cfg.data.train).exists():
             # checked first: building the task would fetch a hub model's processor for nothing
-            self.notes.append(f"data.train {self.cfg.data.train} no longer exists; data not checked")
+            self.notes.append(
+                f"data.train {self.cfg.data.train} no longer exists; data not checked"
+            )
             return None
         from visiontune import api
 
