@@ -43,7 +43,7 @@ from visiontune.runs.budget import over_budget
 from visiontune.runs.progress import TrainProgress
 from visiontune.runs.rundir import LOGGER, RunDir
 from visiontune.runs.trackers import TensorBoard
-from visiontune.task import Batch, Metrics, Splits, Task, resolved_config
+from visiontune.task import Batch, Metrics, Splits, Task, augmented, resolved_config
 
 log = logging.getLogger(LOGGER)
 
@@ -282,7 +282,7 @@ class Loop:
             self.state.batch_in_epoch += 1
             self.count_skipped(batch)
             if len(batch):
-                window.append(batch.to(self.device))
+                window.append(augmented(self.task, batch.to(self.device)))
         return window
 
     def epoch_batches(self) -> Iterator[Batch]:
