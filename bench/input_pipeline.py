@@ -11,7 +11,10 @@
    visiontune's own dataset and `TrainLoader` (decode, pad, resize to `--size`, kornia
    augmentation of hflip + resized crop + colour jitter, normalise, collate), `--epochs` epochs
    in the training order. The first epoch fills the cache, so images/s are reported for it and
-   for the later ones separately.
+   for the later ones separately. Augmentation runs where `data.augment_on: device` puts it:
+   on the collated batch (here on the CPU, as the loop would on its device).
+2b. Where augmentation runs, memory cache, later epochs: per sample in the workers
+   (`augment_on: workers`) vs one batched kornia call after collate (`augment_on: device`).
 3. The training step on synthetic inputs of the same shape: visiontune's own `Loop.optimizer_step`
    (forward, loss, backward, clip, AdamW, its bookkeeping) fed one random batch over and over,
    for a random-init ViT (`--layers`, `--hidden`, patch 16) with LoRA r=8 on every Linear, fp32.
@@ -88,11 +91,11 @@ def pipeline_rates(args: argparse.Namespace, cfg: Config) -> tuple[float, float]
     dataset = task.datasets().train
     order = DataOrder(list(range(len(dataset))), args.batch_size, seed=0)
     loader = TrainLoader(dataset, order, task.collate, cfg.data, torch.device("cpu"))
-    dataset[0]  # imports kornia and builds its pipeline outside the timing
+    task.augment(next(loader.epoch(0)))  # imports kornia and builds it outside the timing
     seconds = []
     for epoch in range(args.epochs):
         started = time.perf_counter()
-        count = sum(len(batch) for batch in loader.epoch(epoch))
+        count = sum(len(task.augment(batch)) for batch in loader.epoch(epoch))
         seconds.append(time.perf_counter() - started)
     later = sum(seconds[1:]) / max(1, len(seconds) - 1)
     return count / seconds[0], count / later
@@ -162,6 +165,14 @@ def main() -> None:
                 first, later = pipeline_rates(args, config(args, root, out, "pipe", **data))
                 best = max(best, later)
                 print(f"{workers:>7} {cache:>6} {first:>14.1f} {later:>12.1f}")
+        print(f"{'workers':>7} {'augment on':>10} {'later img/s':>12}  (memory cache)")
+        for workers in args.workers:
+            rates = {}
+            for where in ("workers", "device"):
+                data = {"num_workers": workers, "cache": "memory", "augment_on": where}
+                rates[where] = pipeline_rates(args, config(args, root, out, "aug", **data))[1]
+                print(f"{workers:>7} {where:>10} {rates[where]:>12.1f}")
+            print(f"{'':>7} batched / per sample = {rates['device'] / rates['workers']:.2f}")
         step = synthetic_step_rate(args, config(args, root, out, "synthetic", num_workers=0))
         print(f"training step on synthetic inputs: {step:.1f} img/s "
               f"(ViT {args.layers}x{args.hidden}, LoRA r=8, fp32, CPU)")  # fmt: skip

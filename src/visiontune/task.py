@@ -170,8 +170,10 @@ class Task(Protocol):
 
     Optional hooks, looked up by name: `resolved_config() -> Config` (the config to store
     with the run, with what the data revealed pinned), `generation_inputs(batch)` (adapter
-    `generate` arguments for evaluation, generative tasks) and `export_files(out_dir)`
-    (processor files a merged export needs to stand on its own).
+    `generate` arguments for evaluation, generative tasks), `export_files(out_dir)`
+    (processor files a merged export needs to stand on its own) and `augment(batch) -> Batch`
+    (random augmentation of a *train* batch already on the training device, one batched call
+    instead of one per sample in the workers; evaluation batches never pass through it).
     """
 
     name: str
@@ -197,6 +199,12 @@ class Task(Protocol):
 
     def save_figures(self, metrics: Metrics, out_dir: Path) -> list[Path]:
         """Write pictures of an evaluation (confusion matrix, masks); return their paths."""
+
+
+def augmented(task: Task, batch: Batch) -> Batch:
+    """A train batch after the task's optional `augment` hook (the batch itself without one)."""
+    hook = getattr(task, "augment", None)
+    return hook(batch) if callable(hook) else batch
 
 
 def resolved_config(task: Task, cfg: Config) -> Config:

@@ -44,7 +44,9 @@ def test_resume_mid_epoch_with_two_workers_and_the_cache_is_bit_exact(
     plain = {"train": str(image_data / "train"), "val": str(image_data / "val"),
              "preprocess": {"size": 16, "mean": [0.5] * 3, "std": [0.5] * 3},
              "augment": {"train": {"hflip": 0.5, "rotation": 10}}}  # fmt: skip
-    whole = tiny_config(image_data, tmp_path / "whole", data={**plain, "num_workers": 0},
+    # the reference also augments per sample, the parted run on the collated batch
+    per_sample = {**plain, "num_workers": 0, "augment_on": "workers"}
+    whole = tiny_config(image_data, tmp_path / "whole", data=per_sample,
                         **sections)  # fmt: skip
     api.train(whole)
 
@@ -91,7 +93,7 @@ def test_persistent_workers_still_augment_differently_every_epoch(
     seen: dict[int, dict[str, torch.Tensor]] = {}
     workers: list[list[int]] = []
     for epoch in (0, 1, 2):
-        batches = list(loader.epoch(epoch))
+        batches = [task.augment(b) for b in loader.epoch(epoch)]  # augment_on: device
         workers.append([w.pid for w in loader.loader._iterator._workers])  # type: ignore[union-attr]
         seen[epoch] = {i: b.inputs["pixel_values"][k] for b in batches for k, i in enumerate(b.ids)}
     assert workers[0] == workers[1] == workers[2]  # the same processes every epoch

@@ -115,6 +115,12 @@ class DataConfig(Section):
     )
     preprocess: Preprocess = Preprocess()
     augment: dict[Literal["train", "val", "test"], Augment] = Field(default_factory=dict)
+    augment_on: Literal["device", "workers"] = Field(
+        default="device",
+        description="Where train augmentation runs: device (after collate, one batched kornia "
+        "call on the training device, on the cached uint8 pixels), workers (per sample, in the "
+        "data workers). Both draw the same random parameters per (seed, epoch, sample).",
+    )
     num_workers: Literal["auto"] | Annotated[int, Field(ge=0)] = Field(
         default="auto",
         description="Processes that decode images while the model trains; auto: the cores "

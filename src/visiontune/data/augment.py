@@ -4,11 +4,17 @@ Each sample draws its random parameters from its own generator seeded by (train.
 index), inside `torch.random.fork_rng`, so augmentation never consumes the global RNG. That
 keeps a resumed run bit-identical to an uninterrupted one whatever the number of workers, and
 makes "which crop did sample 17 get in epoch 3" a reproducible question.
+
+Two places can apply it (`data.augment_on`): `Augmenter`, one sample at a time in the data
+workers, and `BatchAugmenter`, one batched kornia call on the collated batch on the training
+device (the cache then holds, and the workers ship, the uint8 pixels). Both draw each sample's
+parameters the same way, so they give the same pixels.
 """
 
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -62,7 +68,55 @@ def build_pipeline(cfg: Augment, size: int) -> K.AugmentationSequential | None:
     if cfg.rotation > 0:
         steps.append(K.RandomRotation(degrees=cfg.rotation, p=1.0))
     if cfg.color_jitter > 0:
-        steps.append(K.ColorJitter(brightness=cfg.color_jitter, contrast=cfg.color_jitter, p=1.0))
+        # two steps in a fixed order, not ColorJitter: its order is drawn once per batch, so a
+        # batch could not carry each sample's own draw
+        jitter = (1.0 - cfg.color_jitter, 1.0 + cfg.color_jitter)
+        steps.append(K.RandomBrightness(brightness=jitter, p=1.0))
+        steps.append(K.RandomContrast(contrast=jitter, p=1.0))
     if not steps:
         return None
     return K.AugmentationSequential(*steps)
+
+
+@dataclass(frozen=True)
+class AugmentJob:
+    """What a batch needs to be augmented on the device: the epoch and each row's sample index
+    (carried in `Batch.extras["augment"]` by the collate of an augmenting train split)."""
+
+    epoch: int
+    indices: tuple[int, ...]
+
+
+class BatchAugmenter:
+    """Applies the configured augmentations to a whole NCHW batch in [0, 1] in one kornia call,
+    with every row's parameters drawn as `Augmenter` draws them for that sample alone."""
+
+    def __init__(self, cfg: Augment, size: int, seed: int) -> None:
+        self.seed = seed
+        self.pipeline = build_pipeline(cfg, size)
+
+    @property
+    def active(self) -> bool:
+        return self.pipeline is not None
+
+    def __call__(self, images: torch.Tensor, job: AugmentJob) -> torch.Tensor:
+        if self.pipeline is None:
+            return images
+        per_sample = []
+        with torch.random.fork_rng(devices=[]):
+            for index in job.indices:
+                torch.manual_seed(sample_seed(self.seed, job.epoch, index))
+                per_sample.append(self.pipeline.forward_parameters((1, *images.shape[1:])))
+        params = [
+            type(items[0])(items[0].name, _stack([item.data for item in items], images))
+            for items in zip(*per_sample, strict=True)
+        ]
+        return self.pipeline(images, params=params).clamp_(0.0, 1.0)
+
+
+def _stack(draws: list[dict[str, torch.Tensor]], images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One step's per-sample parameters as the parameters of the batch, on its device: rows
+    are concatenated (a step skipped by its probability has no row, as in a batched draw)."""
+    stacked = {key: torch.cat([draw[key] for draw in draws]).to(images.device) for key in draws[0]}
+    stacked["forward_input_shape"] = torch.tensor(images.shape)
+    return stacked

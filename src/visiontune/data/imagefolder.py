@@ -77,11 +77,13 @@ class ImageClassificationDataset(Dataset):
         augment: Augment | None,
         seed: int,
         cache: PixelCache | None = None,
+        augment_later: bool = False,
     ) -> None:
         self.records = records
         self.spec = spec
         self.cache = cache
         self.augmenter = Augmenter(augment or Augment(), spec.size, seed)
+        self.augment_later = augment_later and self.augmenter.active
         self.epoch = 0
 
     @property
@@ -115,6 +117,26 @@ class ImageClassificationDataset(Dataset):
             "pixel_values": normalise(unit, self.spec),
             "label": record.label,
             "id": record.sample_id,
+        }
+
+    def training_sample(self, epoch: int, index: int) -> dict[str, Any] | Skipped:
+        """What the training loader reads. With `data.augment_on: device` (and augmentation
+        configured): the uint8 pixels with their (epoch, index), for the task to augment and
+        normalise the collated batch on the device; otherwise the sample as indexing gives it.
+        Anyone else indexing the dataset (evaluation, checks) gets finished samples."""
+        if not self.augment_later:
+            self.set_epoch(epoch)
+            return self[index]
+        record = self.records[index]
+        try:
+            pixels = self.pixels(record.path)
+        except DataError as err:
+            return Skipped(record.sample_id, str(err))
+        return {
+            "pixel_values": pixels,
+            "label": record.label,
+            "id": record.sample_id,
+            "augment": (epoch, index),
         }
 
     def pixels(self, path: Path) -> torch.Tensor:
@@ -159,7 +181,12 @@ def build_splits(cfg: Config, spec: ImageSpec) -> tuple[list[str], Splits]:
         if split not in records:
             return None
         return ImageClassificationDataset(
-            records[split], spec, data.augment.get(split), cfg.train.seed, cache
+            records[split],
+            spec,
+            data.augment.get(split),
+            cfg.train.seed,
+            cache,
+            augment_later=split == "train" and data.augment_on == "device",
         )
 
     train = make("train")

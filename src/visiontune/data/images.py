@@ -129,7 +129,7 @@ def preprocessing_key(spec: ImageSpec) -> str:
 
 def normalise(unit: torch.Tensor, spec: ImageSpec) -> torch.Tensor:
     mean, std = _channel_stats(spec.mean, spec.std)
-    return (unit - mean) / std
+    return (unit - mean.to(unit.device)) / std.to(unit.device)
 
 
 @functools.cache

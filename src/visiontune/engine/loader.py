@@ -6,9 +6,10 @@ with exact resume and per-epoch augmentation:
 
 - the data order stays a pure function of (seed, epoch): `EpochBatches` hands the DataLoader
   the index lists of `DataOrder` from a given position, set by the loop before each epoch;
-- every index a worker receives carries its epoch (`(epoch, index)`), and `EpochIndexed` calls
-  the dataset's `set_epoch` with it before reading the sample. Workers hold their own copy of
-  the dataset, so calling `set_epoch` in the main process would never reach them.
+- every index a worker receives carries its epoch (`(epoch, index)`), and `EpochIndexed` hands
+  both to the dataset's `training_sample` where it has one, or calls its `set_epoch` before
+  reading the sample. Workers hold their own copy of the dataset, so calling `set_epoch` in
+  the main process would never reach them.
 
 Augmentation draws from a generator seeded per (seed, epoch, index), never from a worker's RNG,
 so a sample is the same whichever worker reads it and however many workers there are.
@@ -86,7 +87,9 @@ class PinnableCollate:
 
 
 class EpochIndexed(Dataset):
-    """Reads `(epoch, index)` keys: sets the dataset's epoch, then reads the sample."""
+    """Reads `(epoch, index)` keys: the dataset's `training_sample(epoch, index)` (a train
+    sample may be unfinished, for the task's `augment` hook), else its epoch set, then the
+    sample."""
 
     def __init__(self, dataset: Dataset) -> None:
         self.dataset = dataset
@@ -96,6 +99,9 @@ class EpochIndexed(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> Any:
         epoch, index = key
+        training_sample = getattr(self.dataset, "training_sample", None)
+        if training_sample is not None:
+            return training_sample(epoch, index)
         set_epoch = getattr(self.dataset, "set_epoch", None)
         if set_epoch is not None:
             set_epoch(epoch)

@@ -44,7 +44,7 @@ from visiontune.runs.eval_noise import save_eval_samples
 from visiontune.runs.progress import TrainProgress
 from visiontune.runs.rundir import LOGGER, RunDir
 from visiontune.runs.trackers import build_trackers
-from visiontune.task import Batch, Metrics, Splits, Task, resolved_config
+from visiontune.task import Batch, Metrics, Splits, Task, augmented, resolved_config
 
 log = logging.getLogger(LOGGER)
 
@@ -283,7 +283,7 @@ class Loop:
             self.state.batch_in_epoch += 1
             self.count_skipped(batch)
             if len(batch):
-                window.append(batch.to(self.device))
+                window.append(augmented(self.task, batch.to(self.device)))
         return window
 
     def epoch_batches(self) -> Iterator[Batch]:

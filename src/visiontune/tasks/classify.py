@@ -10,14 +10,16 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from visiontune.config.schema import Config
+from visiontune.config.schema import Augment, Config
+from visiontune.data.augment import AugmentJob, BatchAugmenter
 from visiontune.data.imagefolder import build_splits
-from visiontune.data.images import ImageSpec, load_pixels, resolve_image_spec
+from visiontune.data.images import ImageSpec, load_pixels, normalise, resolve_image_spec
 from visiontune.errors import ConfigError, DataError
 from visiontune.losses import class_weights, classification_loss
 from visiontune.metrics.classification import classification_metrics
@@ -38,6 +40,7 @@ class ClassifyTask:
         self._built: tuple[list[str], Splits] | None = None
         self._weight: torch.Tensor | None = None
         self._weight_ready = False
+        self._augmenter: BatchAugmenter | None = None
 
     # --- data -------------------------------------------------------------------------------
 
@@ -89,7 +92,26 @@ class ClassifyTask:
             return Batch({}, [], skipped=skipped)
         pixels = torch.stack([s["pixel_values"] for s in good])
         labels = torch.tensor([s["label"] for s in good], dtype=torch.long)
-        return Batch({"pixel_values": pixels}, [s["id"] for s in good], {"labels": labels}, skipped)
+        extras: dict[str, Any] = {}
+        if "augment" in good[0]:
+            epoch = good[0]["augment"][0]
+            extras["augment"] = AugmentJob(epoch, tuple(s["augment"][1] for s in good))
+        ids = [s["id"] for s in good]
+        return Batch({"pixel_values": pixels}, ids, {"labels": labels}, skipped, extras)
+
+    def augment(self, batch: Batch) -> Batch:
+        """A train batch of uint8 pixels (`data.augment_on: device`), augmented in one batched
+        kornia call where it already is (the training device) and normalised; any other
+        batch is returned as it is."""
+        job = batch.extras.get("augment")
+        if job is None:
+            return batch
+        if self._augmenter is None:
+            cfg = self.cfg.data.augment.get("train", Augment())
+            self._augmenter = BatchAugmenter(cfg, self.spec.size, self.cfg.train.seed)
+        unit = self._augmenter(batch.inputs["pixel_values"].float() / 255.0, job)
+        inputs = {**batch.inputs, "pixel_values": normalise(unit, self.spec)}
+        return replace(batch, inputs=inputs)
 
     # --- model, loss and evaluation ---------------------------------------------------------
 
