@@ -53,7 +53,7 @@ def write_summary(
     if noise is not None:
         summary["best_against_first"] = noise
     if (run.root / "plan.json").is_file():
-        summary["plan"] = plan_against_run(run.root / "plan.json", steps)
+        summary["plan"] = plan_against_run(run.root / "plan.json", steps, cfg)
     run.write_json(run.summary, summary)
     for name, verdict in verdicts.items():
         mark = "PASS" if verdict["passed"] else "FAIL"
@@ -67,13 +67,17 @@ def write_summary(
     return summary
 
 
-def plan_against_run(plan_file: Path, steps: list[dict[str, Any]]) -> dict[str, Any]:
+def plan_against_run(
+    plan_file: Path, steps: list[dict[str, Any]], cfg: Config
+) -> dict[str, Any]:
     """train.plan's prediction next to what the run measured: peak memory (the highest per-step
-    peak) and step time (the median after the first step, as the plan measures it)."""
+    peak) and step time (the median after the first step, as the plan measures it), with the
+    threads and loader settings of both sides: a step time is comparable only where they agree."""
+    from visiontune.engine.plan.probe import run_settings, steady_step_s
+
     plan = json.loads(plan_file.read_text())
-    times = sorted(r["step_time_s"] for r in steps[1:]) or [r["step_time_s"] for r in steps]
     measured_peak = max((r["peak_memory_mb"] for r in steps), default=None)
-    measured_step = times[len(times) // 2] if times else None
+    measured_step = steady_step_s([r["step_time_s"] for r in steps])
     predicted_peak, predicted_step = plan["predicted_peak_memory_mb"], plan["predicted_step_time_s"]
     return {
         "predicted_peak_memory_mb": predicted_peak,
@@ -83,6 +87,8 @@ def plan_against_run(plan_file: Path, steps: list[dict[str, Any]]) -> dict[str, 
         "measured_step_time_s": measured_step,
         "step_time_ratio": ratio(measured_step, predicted_step),
         "plan_error": plan["measurement"].get("error"),
+        "plan_settings": plan.get("settings", {}),
+        "run_settings": run_settings(cfg),
     }
 
 

@@ -45,6 +45,7 @@ class Plan:
             "predicted_total_s": self.time.total_s,
             "time_limit_s": self.limit_s,
             "jobs": self.jobs,
+            "settings": self.base.settings,
             "measurement": asdict(self.base),
             "time": asdict(self.time),
             "micro_batches": [asdict(p) for p in self.micro_batches],
@@ -111,7 +112,9 @@ def describe(plan: Plan, budget_mb: float | None = None) -> list[str]:
         f"  gradients               {p.gradients_mb:12.1f} MiB (from the parameters)",
         f"  AdamW state             {p.optimizer_mb:12.1f} MiB (2 states per trainable)",
         f"  activations, workspace  {p.activations_mb:12.1f} MiB (peak minus the rest)",
-        f"step time {p.step_s:.3f}s ({p.samples_per_s:.1f} samples/s, median of the later half)",
+        f"step time {p.step_s:.3f}s ({p.samples_per_s:.1f} samples/s, median after the first step)",
+        f"  with {p.settings.get('torch_threads')} torch thread(s) and "
+        f"{p.settings.get('num_workers')} data worker(s), as the run will train",
     ]
     t = plan.time
     extra = f", {t.evals} evaluation(s) x {duration(t.eval_s)}" if t.eval_s is not None else ""

@@ -9,13 +9,22 @@ Memory parts: frozen weights, trainable weights, their gradients and the AdamW s
 states per trainable parameter) are computed exactly from the parameters; what the process
 held before the model was built (interpreter, libraries, the data) is measured; activations
 and workspace are the measured peak minus all of these.
+
+Step time is only worth predicting if the child trains the way the run will: with the training
+process's intra-op thread count (a child would otherwise start with torch's default, and a
+caller that lowered it, or a worker process that shares the cores, would be measured with a
+different number) and the same DataLoader settings. Both are recorded (`run_settings`) on
+each side, so summary.json can show they matched. The statistic is the run's own
+(`steady_step_s`): the median after the first step, the one that pays warm-up and the data
+workers' start-up. A median of the probe's later half alone missed the cost of loading that
+overlaps each step: with a probe as long as an epoch, its later half is the epoch's end, where
+the workers have nothing left to load and the steps run alone, faster than the run's.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -43,6 +52,7 @@ class Probe:
     steps: int = 0
     step_times_s: list[float] = field(default_factory=list)
     step_s: float = 0.0
+    settings: dict[str, Any] = field(default_factory=dict)
     samples_per_s: float = 0.0
     peak_mb: float = 0.0
     runtime_mb: float = 0.0
@@ -102,7 +112,9 @@ def measure(
         request = Path(tmp) / "request.json"
         result = Path(tmp) / "result.json"
         (Path(tmp) / "config.yaml").write_text(dump_yaml(probe_cfg))
-        request.write_text(json.dumps({"steps": steps, "budget_mb": budget_mb}))
+        request.write_text(
+            json.dumps({"steps": steps, "budget_mb": budget_mb, "threads": torch_threads()})
+        )
         done = subprocess.run(
             [sys.executable, "-m", "visiontune.engine.plan.probe", tmp],
             capture_output=True,
@@ -116,6 +128,31 @@ def measure(
             found = {"error": f"the measuring process died (exit {done.returncode}): {tail}"}
     micro = variant.train.micro_batch_size
     return Probe(overrides=overrides, micro_batch_size=micro, budget_mb=budget_mb, **found)
+
+
+def torch_threads() -> int:
+    """This process's intra-op thread count (imports torch only when asked)."""
+    import torch
+
+    return torch.get_num_threads()
+
+
+def run_settings(cfg: Config) -> dict[str, Any]:
+    """What decides a CPU step's speed besides the config's model: the intra-op threads and
+    the DataLoader the training split gets (workers resolved from `auto`)."""
+
+    from visiontune.engine.loader import loader_options
+    from visiontune.engine.precision import resolve_device
+
+    device = resolve_device(cfg.train.device)
+    return {"torch_threads": torch_threads(), **loader_options(cfg.data, device, persistent=True)}
+
+
+def steady_step_s(times: list[float]) -> float | None:
+    """The median step time after the first step; the same statistic for the probe and for
+    the run it predicts."""
+    later = sorted(times[1:]) or sorted(times)
+    return later[len(later) // 2] if later else None
 
 
 def parameter_parts(model: Any) -> dict[str, float]:
@@ -145,6 +182,7 @@ def run_child(tmp: Path) -> dict[str, Any]:
     from visiontune.runs.rundir import RunDir
 
     request = json.loads((tmp / "request.json").read_text())
+    torch.set_num_threads(request["threads"])
     cfg = load_config(tmp / "config.yaml")
     run = RunDir(cfg.run_dir)
     run.root.mkdir(parents=True)
@@ -175,13 +213,14 @@ def run_child(tmp: Path) -> dict[str, Any]:
     save_s = time.monotonic() - started
     parts = parameter_parts(loop.runner.adapter)
     peak = peak_memory_mb(device)
-    step_s = statistics.median(times[len(times) // 2 :])  # the later half: past warm-up
+    step_s = steady_step_s(times) or 0.0
     samples = cfg.train.micro_batch_size * cfg.train.grad_accum_steps
     return {
         "device": str(device),
         "steps": len(times),
         "step_times_s": times,
         "step_s": step_s,
+        "settings": run_settings(cfg),
         "samples_per_s": samples / step_s,
         "peak_mb": peak,
         "runtime_mb": runtime,
