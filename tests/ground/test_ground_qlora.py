@@ -222,3 +222,22 @@ def test_adamw_8bit_state_survives_resume_bit_for_bit(tiny_data: Path, tmp_path:
     got = load_file(str(resumed / "checkpoints" / "step-00000004" / "adapter_model.safetensors"))
     assert want.keys() == got.keys()
     assert all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_plan_measures_a_4bit_base_among_the_memory_savers(
+    qlora_config: Callable[..., Config], tmp_path: Path
+) -> None:
+    from tests.conftest import tiny_config
+    from visiontune.engine.plan.search import four_bit_note, memory_savers
+
+    cfg = qlora_config(tmp_path)
+    savers = dict(memory_savers(cfg))
+    assert savers["4-bit base (QLoRA)"] == ["model.quantization.bits=4"]
+    assert four_bit_note(cfg) is None
+    four_bit = qlora_config(tmp_path, *savers["4-bit base (QLoRA)"])
+    assert four_bit.model.quantization is not None and four_bit.model.quantization.bits == 4
+    assert "4-bit base (QLoRA)" not in dict(memory_savers(four_bit))
+
+    classify = tiny_config(tmp_path, tmp_path / "runs")
+    assert "4-bit base (QLoRA)" not in dict(memory_savers(classify))
+    assert "ground-task" in str(four_bit_note(classify))

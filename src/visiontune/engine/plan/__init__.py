@@ -32,6 +32,8 @@ class Plan:
     limit_s: float | None = None
     micro_batches: list[Probe] = field(default_factory=list)
     fixes: list[tuple[str, Probe]] = field(default_factory=list)
+    four_bit_note: str | None = None
+    """Why a 4-bit base is not among the measured fixes (None when it is)."""
     compared: list[Probe] = field(default_factory=list)
 
     @property
@@ -72,6 +74,7 @@ def make_plan(
         plan.micro_batches = search.search_micro_batch(cfg, steps, budget_mb, base, say)
         if search.largest_fitting(plan.micro_batches) is None:
             plan.fixes = search.what_makes_it_fit(cfg, steps, budget_mb, say)
+            plan.four_bit_note = search.four_bit_note(cfg)
     if compare is not None:
         plan.compared = search.compare(cfg, steps, compare[0], compare[1], budget_mb, say)
     return plan
@@ -161,7 +164,8 @@ def describe_budget(plan: Plan, budget_mb: float) -> list[str]:
         return lines
     lines.append("micro-batch 1 does not fit; measured at micro-batch 1:")
     lines.extend(f"  {name:28s} {row_of(probe)}" for name, probe in plan.fixes)
-    lines.append(f"  {search.FOUR_BIT_NOTE}")
+    if plan.four_bit_note is not None:
+        lines.append(f"  {plan.four_bit_note}")
     return lines
 
 

@@ -7,6 +7,7 @@ changes the memory and the speed, not the training.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 
 from visiontune.config.schema import Config
@@ -73,13 +74,23 @@ def memory_savers(cfg: Config) -> list[tuple[str, list[str]]]:
             savers.append(("freeze the vision tower", ["task.freeze_vision=true"]))
     if task.type == "segment" and task.vision_tower is not None:
         savers.append(("no CLIP vision tower", ["task.vision_tower=null"]))
+    if four_bit_note(cfg) is None:
+        savers.append(("4-bit base (QLoRA)", ["model.quantization.bits=4"]))
     return savers
 
 
-FOUR_BIT_NOTE = (
-    "4-bit base: not measured; visiontune has no option to load the base in 4 bit yet "
-    "(bitsandbytes alone does not make one)"
-)
+def four_bit_note(cfg: Config) -> str | None:
+    """Why a 4-bit base is not among the measured savers, or None when it is."""
+    if cfg.model.quantization is not None:
+        return None if cfg.model.quantization.bits == 8 else "4-bit base: already configured"
+    if cfg.task.type != "ground" or cfg.model.config is not None:
+        return (
+            "4-bit base: not measured; model.quantization loads a pretrained ground-task "
+            "(vision-language) base only"
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return "4-bit base: not measured; bitsandbytes is not installed (visiontune[quant])"
+    return None
 
 
 def what_makes_it_fit(
