@@ -31,8 +31,8 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-class Augmenter:
-    """Applies the configured augmentations to one CHW image in [0, 1]."""
+class SeededPipeline:
+    """The configured kornia pipeline and the seed its per-sample draws derive from."""
 
     def __init__(self, cfg: Augment, size: int, seed: int) -> None:
         self.seed = seed
@@ -41,6 +41,10 @@ class Augmenter:
     @property
     def active(self) -> bool:
         return self.pipeline is not None
+
+
+class Augmenter(SeededPipeline):
+    """Applies the configured augmentations to one CHW image in [0, 1]."""
 
     def __call__(self, image: torch.Tensor, epoch: int, index: int) -> torch.Tensor:
         if self.pipeline is None:
@@ -87,17 +91,9 @@ class AugmentJob:
     indices: tuple[int, ...]
 
 
-class BatchAugmenter:
+class BatchAugmenter(SeededPipeline):
     """Applies the configured augmentations to a whole NCHW batch in [0, 1] in one kornia call,
     with every row's parameters drawn as `Augmenter` draws them for that sample alone."""
-
-    def __init__(self, cfg: Augment, size: int, seed: int) -> None:
-        self.seed = seed
-        self.pipeline = build_pipeline(cfg, size)
-
-    @property
-    def active(self) -> bool:
-        return self.pipeline is not None
 
     def __call__(self, images: torch.Tensor, job: AugmentJob) -> torch.Tensor:
         if self.pipeline is None:
