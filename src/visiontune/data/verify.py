@@ -13,11 +13,11 @@ import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Protocol, runtime_checkable
 
 from visiontune.data.images import open_image
 from visiontune.errors import ImageError
+from visiontune.runs.progress import TerminalBar
 
 PROGRESS_FROM = 100  # images; fewer are checked too quickly for a progress display to help
 LINES = 10  # progress lines printed over a whole check when stdout is not a terminal
@@ -63,7 +63,7 @@ def _decode_problem(path: Path) -> str | None:
     return None
 
 
-class CheckProgress:
+class CheckProgress(TerminalBar):
     """A rich bar on a terminal, a few plain lines elsewhere (CI and SLURM logs), as training's
     progress does; nothing for small sets."""
 
@@ -80,20 +80,6 @@ class CheckProgress:
                 TextColumn("decoding images"), BarColumn(), MofNCompleteColumn(), transient=True
             )
             self.task_id = self.bar.add_task("decode", total=total)
-
-    def __enter__(self) -> CheckProgress:
-        if self.bar is not None:
-            self.bar.start()
-        return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        err: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self.bar is not None:
-            self.bar.stop()
 
     def advance(self) -> None:
         self.done += 1

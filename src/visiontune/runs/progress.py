@@ -6,11 +6,33 @@ import logging
 import sys
 import time
 from types import TracebackType
+from typing import Any, Self
 
 from visiontune.runs.rundir import LOGGER
 
 
-class TrainProgress:
+class TerminalBar:
+    """A rich bar started and stopped with the context, when there is one (`self.bar`): on a
+    terminal; elsewhere (CI and SLURM logs) subclasses write plain lines instead."""
+
+    bar: Any = None
+
+    def __enter__(self) -> Self:
+        if self.bar is not None:
+            self.bar.start()
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        err: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+class TrainProgress(TerminalBar):
     def __init__(self, total_steps: int, start_step: int, log_every: int) -> None:
         self.total = total_steps
         self.log_every = log_every
@@ -29,20 +51,6 @@ class TrainProgress:
             )
             self.task_id = self.bar.add_task("train", total=total_steps, stats="")
             self.bar.update(self.task_id, completed=start_step)
-
-    def __enter__(self) -> TrainProgress:
-        if self.bar is not None:
-            self.bar.start()
-        return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        err: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self.bar is not None:
-            self.bar.stop()
 
     def update(self, step: int, loss: float, lr: float, samples_per_s: float) -> None:
         stats = f"loss {loss:.4f}  lr {lr:.2e}  {samples_per_s:.1f} samples/s"
