@@ -19,15 +19,13 @@ from safetensors.torch import load_file
 from torch import nn
 
 from tests.conftest import TINY_VIT, tiny_config
+from tests.engine.test_loop import start_loop
 from visiontune import api
 from visiontune.config.load import load_config
 from visiontune.config.schema import Config
 from visiontune.engine import checkpoint as ckpt
-from visiontune.engine.loop import Loop
-from visiontune.engine.runner import Runner
 from visiontune.engine.state import WEIGHTS
 from visiontune.errors import ConfigError, TrainingError
-from visiontune.runs.rundir import RunDir
 from visiontune.tasks.classify import ClassifyMeter, ClassifyTask
 
 
@@ -231,16 +229,6 @@ TINY_RESNET = {
 }
 
 
-def build_loop(cfg: Config) -> Loop:
-    """What api.train does before `loop.run()`, keeping the loop (and its live model)."""
-    run = RunDir.prepare(cfg.run_dir, resume=False, overwrite=False)
-    api.seed_everything(cfg.train.seed)
-    task = api.make_task(cfg)
-    splits = task.datasets()
-    adapter = api.build_adapter(task, cfg, run)
-    return Loop(cfg, task, Runner(cfg, adapter), splits, run)
-
-
 def test_f15_frozen_batchnorm_statistics_do_not_drift(image_data: Path, tmp_path: Path) -> None:
     # The only Linear of a ResNet classifier is its head: LoRA on it, the conv backbone frozen.
     cfg = tiny_config(
@@ -248,7 +236,7 @@ def test_f15_frozen_batchnorm_statistics_do_not_drift(image_data: Path, tmp_path
         lora={"rank": 2, "alpha": 4, "dropout": 0.0, "targets": ["classifier.1"],
               "modules_to_save": []},
     )  # fmt: skip
-    loop = build_loop(cfg)
+    loop = start_loop(cfg)
     model = loop.runner.adapter
     norms = {n: m for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
     assert len(norms) >= 5  # embedder, and per stage shortcut and layer norms
