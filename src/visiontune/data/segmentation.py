@@ -152,7 +152,13 @@ class Frame:
 
 
 def joint_pipeline(cfg: Augment | None) -> K.AugmentationSequential | None:
-    """Kornia augmentation applied identically to the image and its masks (nearest for masks)."""
+    """Kornia augmentation applied identically to the image and its masks (nearest for masks).
+
+    It runs per sample in the data workers, not batched on the device as classification's
+    does: the box and point prompts are drawn from the augmented masks (a sample whose target
+    left the frame is skipped), and each SAM frame is padded bottom-right from its own size,
+    which a flip or rotation of the padded batch would move.
+    """
     if cfg is None:
         return None
     steps: list[K.AugmentationBase2D] = []
@@ -171,7 +177,10 @@ def joint_pipeline(cfg: Augment | None) -> K.AugmentationSequential | None:
             K.RandomAffine(degrees=0.0, translate=(shift, shift), scale=(1.0, zoom), p=1.0)
         )
     if cfg.color_jitter > 0:
-        steps.append(K.ColorJitter(brightness=cfg.color_jitter, contrast=cfg.color_jitter, p=1.0))
+        # brightness then contrast, as classification draws them (ColorJitter's order is random)
+        jitter = (1.0 - cfg.color_jitter, 1.0 + cfg.color_jitter)
+        steps.append(K.RandomBrightness(brightness=jitter, p=1.0))
+        steps.append(K.RandomContrast(contrast=jitter, p=1.0))
     if not steps:
         return None
     return K.AugmentationSequential(*steps, data_keys=["input", "mask"])
