@@ -160,13 +160,15 @@ class GroundTaskConfig(Section):
     max_pixels: int = Field(
         default=28 * 28 * 1280,
         ge=28 * 28,
-        description="Largest resized image area (28*28 pixels per image token): the main "
-        "memory knob. Training, evaluation and prediction all use this value.",
+        description="Largest resized image area (an image token covers 28*28 pixels on "
+        "Qwen2/2.5-VL, 32*32 on Qwen3-VL): the main memory knob. Training, evaluation and "
+        "prediction all use this value.",
     )
     coordinates: Literal["auto", "norm1000", "resized_pixels"] = Field(
         default="auto",
-        description="Answer coordinates: norm1000 (Qwen2-VL, integers in [0, 1000)) or "
-        "resized_pixels (Qwen2.5-VL, pixels of the resized image); auto follows the model.",
+        description="Answer coordinates: norm1000 (Qwen2-VL: integers in [0, 1000); Qwen3-VL: "
+        "0..1000) or resized_pixels (Qwen2.5-VL, pixels of the resized image); auto follows "
+        "the model.",
     )
     prompt_template: str = Field(
         default="{instruction}", description="User text around the instruction."
