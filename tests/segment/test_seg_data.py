@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from tests.segment.builders import segment_config, tiny_text_model
-from visiontune.data.coco import decode_rle, read_coco_split, rle_counts
+from visiontune.data.coco import AnnotationMasks, check_rle, read_coco_split
 from visiontune.data.labelme import LabelMap, read_labelme_split
 from visiontune.data.masks import read_mask_folder
 from visiontune.data.segmentation import IGNORE, Frame, SampleOptions, SegmentationDataset
@@ -149,21 +149,55 @@ def test_frame_resizes_longest_side_and_pads(tmp_path: Path) -> None:
 # --- COCO -------------------------------------------------------------------------------------
 
 
+def rle_instance(size: tuple[int, int], counts: str | list[int]) -> np.ndarray:
+    """One RLE decoded through the COCO reader's masks (checked as the reader checks it)."""
+    assert check_rle({"size": list(size), "counts": counts}, *size) is None
+    (mask,) = AnnotationMasks([{"size": list(size), "counts": counts}]).render(
+        size[1], size[0], merge=False
+    )
+    return mask
+
+
 def test_rle_string_decoding_matches_hand_encoded_counts() -> None:
     # pycocotools' rleToString: each count in 5-bit groups + 48 (0x20 = more groups follow,
     # 0x10 in the last group = negative); from the 4th count on, the difference to the count
-    # two before is written. Strings below are encoded by hand with those rules.
-    assert rle_counts("322") == [3, 2, 2]
-    assert rle_counts("3252") == [3, 2, 5, 4]  # 4th written as 4 - 2 = 2
-    assert rle_counts("T3") == [100]  # 100 = 4 + 3 * 32: groups 4 | 0x20 ('T'), then 3
-    assert rle_counts("<:4H") == [12, 10, 4, 2]  # 2 - 10 = -8: group 24 = 8 | 0x10 ('H')
+    # two before is written. Strings below are encoded by hand with those rules; masks are
+    # one column, so the runs read straight down.
+    def column(runs: list[int]) -> list[list[int]]:
+        values = [i % 2 for i, run in enumerate(runs) for _ in range(run)]
+        return [[v] for v in values]
+
+    assert rle_instance((7, 1), "322").tolist() == column([3, 2, 2])
+    assert rle_instance((14, 1), "3252").tolist() == column([3, 2, 5, 4])  # 4th: 4 - 2 = 2
+    assert rle_instance((100, 1), "T3").tolist() == column([100])  # 4 | 0x20 ('T'), then 3
+    # 2 - 10 = -8: group 24 = 8 | 0x10 ('H')
+    assert rle_instance((28, 1), "<:4H").tolist() == column([12, 10, 4, 2])
 
 
 def test_rle_decodes_column_major_like_coco() -> None:
     # 3 x 2 mask, runs: 1 background, 3 foreground, 2 background, read down the columns.
-    mask = decode_rle({"size": [3, 2], "counts": [1, 3, 2]})
+    mask = rle_instance((3, 2), [1, 3, 2])
     assert mask.tolist() == [[0, 1], [1, 0], [1, 0]]
-    assert decode_rle({"size": [3, 2], "counts": "132"}).tolist() == mask.tolist()
+    assert rle_instance((3, 2), "132").tolist() == mask.tolist()
+
+
+@pytest.mark.parametrize(
+    ("counts", "problem"),
+    [
+        ("13", "runs cover fewer than the 6 pixels"),  # pycocotools alone leaves 2 pixels unset
+        ("", "runs cover fewer than the 6 pixels"),
+        ("1322", "malformed or its runs cover more than 6 pixels"),
+        ("T", "malformed"),  # ends inside a count
+        ("~~", "malformed"),
+        ("13é", "ASCII string"),
+        ([1, 2], "RLE runs cover 3 pixels, not 6"),
+        ([1, -2, 7], "non-negative integers"),
+        ([1.5, 2, 2.5], "non-negative integers"),  # pycocotools would truncate them
+    ],
+)
+def test_bad_rle_is_refused_before_pycocotools_decodes_it(counts: Any, problem: str) -> None:
+    found = check_rle({"size": [3, 2], "counts": counts}, 3, 2)
+    assert found is not None and problem in found
 
 
 def write_coco(
@@ -182,7 +216,8 @@ def write_coco(
 
 def test_coco_polygons_and_rle_merge_or_per_instance(tmp_path: Path) -> None:
     rle = {"size": [3, 4], "counts": [9, 3]}  # last column
-    polygon = [[0, 0, 1, 0, 1, 2, 0, 2]]  # first two columns
+    # COCO vertices are pixel corners: the square [0, 2] x [0, 3] is the first two columns
+    polygon = [[0, 0, 2, 0, 2, 3, 0, 3]]
     write_coco(tmp_path, [
         {"image_id": 1, "category_id": 7, "segmentation": polygon},
         {"image_id": 1, "category_id": 7, "segmentation": rle},
@@ -204,13 +239,17 @@ def test_coco_bad_segmentations_are_named(tmp_path: Path) -> None:
         {"image_id": 1, "segmentation": {"size": [5, 5], "counts": [25]}},
         {"image_id": 1, "segmentation": [[0, 0, 1, 1]]},
         {"image_id": 2, "segmentation": [[0, 0, 1, 0, 1, 1]]},
+        {"image_id": 1, "segmentation": [[0, 0, 1e12, 0, 1e12, 1e12]]},  # crashes pycocotools
+        {"image_id": 1, "segmentation": {"size": [3, 4], "counts": "1"}},
     ])  # fmt: skip
     problems: list[str] = []
     read_coco_split("data.train", path, True, False, problems)
-    assert len(problems) == 3
-    assert "annotations[0]: RLE mask size 5x5 differs from image 4x3" in problems[0]
+    assert len(problems) == 5
+    assert f"{path}: annotations[0]: RLE mask size 5x5 differs from image 4x3" == problems[0]
     assert "annotations[1]: a polygon needs at least 3" in problems[1]
     assert "annotations[2]: image_id 2 is not in `images`" in problems[2]
+    assert "annotations[3]: polygon point (1000000000000.0, 0) lies far outside" in problems[3]
+    assert "annotations[4]: RLE string's runs cover fewer than the 12 pixels" in problems[4]
 
 
 # --- mask folders -----------------------------------------------------------------------------

@@ -1,73 +1,66 @@
 """COCO instance JSON (polygons and RLE) for multi-instance data such as cracks.
 
-RLE is decoded here rather than through pycocotools (a compiled dependency that often fails to
-build): counts alternate background/foreground runs over the mask in column-major order,
-either as a list of ints ("uncompressed", used for crowds) or as pycocotools' compact string,
-where each count is written in 5-bit groups offset by 48, with the sign in bit 0x10 of the
-last group and counts from the fourth on stored as differences to the count two before.
+Masks are decoded by pycocotools, COCO's own code, so a polygon covers exactly the pixels
+COCO's evaluation and areas count (a vertex at (x, y) is a pixel corner: the square [0, 2] x
+[0, 3] covers pixels x 0-1, y 0-2). pycocotools checks little on its own: it rejects RLE runs
+that run past the mask, but leaves the pixels after runs that stop short uninitialised, and
+it truncates or wraps uncompressed counts that are not non-negative integers. So every RLE is
+checked here when the file is read, and a bad one is named with its file and annotation.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pycocotools import mask as mask_utils
 
 from visiontune.data.images import upright_size
 from visiontune.data.labelme import read_json
-from visiontune.data.segmentation import TARGET, Polygon, SegRecord, fill_polygons
+from visiontune.data.segmentation import TARGET, SegRecord
 from visiontune.errors import DataError, ImageError, located
 
 log = logging.getLogger(__name__)
 
 
-def rle_counts(counts: str | list[int]) -> list[int]:
-    """Run lengths from either COCO RLE form (see the module docstring for the string form)."""
+def check_rle(rle: dict[str, Any], height: int, width: int) -> str | None:
+    """Why `rle` is not a mask of `height` x `width` pixels, or None when it is one."""
+    try:
+        size = [int(v) for v in rle["size"]]
+        counts = rle["counts"]
+    except (KeyError, TypeError, ValueError):
+        return "an RLE needs `size: [height, width]` and `counts`"
+    if size != [height, width]:
+        return f"RLE mask size {size[1]}x{size[0]} differs from image {width}x{height}"
+    pixels = height * width
     if isinstance(counts, list):
         if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts):
-            raise ValueError("uncompressed RLE counts must be non-negative integers")
-        return list(counts)
-    runs: list[int] = []
-    position = 0
-    data = counts.encode("ascii")
-    while position < len(data):
-        value, shift, more = 0, 0, True
-        while more:
-            if position >= len(data):
-                raise ValueError("RLE string ends inside a count")
-            chunk = data[position] - 48
-            if not 0 <= chunk < 64:
-                raise ValueError(f"RLE string has an invalid character {chr(data[position])!r}")
-            value |= (chunk & 0x1F) << shift
-            more = bool(chunk & 0x20)
-            position += 1
-            shift += 5
-            if not more and chunk & 0x10:
-                value |= -1 << shift
-        if len(runs) > 2:
-            value += runs[-2]
-        runs.append(value)
-    if any(r < 0 for r in runs):
-        raise ValueError("RLE string decodes to a negative run length")
-    return runs
+            return "uncompressed RLE counts must be non-negative integers"
+        if sum(counts) != pixels:
+            return f"RLE runs cover {sum(counts)} pixels, not {pixels}"
+        return None
+    if not isinstance(counts, str) or not counts.isascii():
+        return "RLE counts must be a list of integers or pycocotools' ASCII string"
+    # pycocotools rejects runs past the end, so runs covering exactly `pixels` decode at
+    # (height, width) and fail one pixel shorter; runs that stop short decode at both.
+    if not _decodes(counts, (height, width)):
+        return f"RLE string is malformed or its runs cover more than {pixels} pixels"
+    if _decodes(counts, (pixels - 1, 1)):
+        return f"RLE string's runs cover fewer than the {pixels} pixels of the mask"
+    return None
 
 
-def decode_rle(rle: dict[str, Any]) -> np.ndarray:
-    """A COCO RLE `{size: [h, w], counts}` as a uint8 0/1 array of shape (h, w)."""
-    height, width = (int(v) for v in rle["size"])
-    runs = rle_counts(rle["counts"])
-    if sum(runs) != height * width:
-        raise ValueError(
-            f"RLE runs cover {sum(runs)} pixels, size {height}x{width} has {height * width}"
-        )
-    values = np.zeros(len(runs), dtype=np.uint8)
-    values[1::2] = TARGET
-    flat = np.repeat(values, runs)
-    return flat.reshape((width, height)).T.copy()
+def _decodes(counts: str, size: tuple[int, int]) -> bool:
+    try:
+        mask_utils.decode({"size": list(size), "counts": counts})
+    except ValueError:
+        return False
+    return True
 
 
 @dataclass
@@ -87,12 +80,14 @@ class AnnotationMasks:
 
     @staticmethod
     def _one(item: list[list[float]] | dict[str, Any], width: int, height: int) -> np.ndarray:
+        """One instance as a uint8 0/TARGET mask (checked by `check_rle` when read)."""
         if isinstance(item, dict):
-            return decode_rle(item)
-        polygons = [
-            Polygon(tuple(zip(flat[0::2], flat[1::2], strict=True)), TARGET, 0) for flat in item
-        ]
-        return fill_polygons(polygons, width, height)
+            rle = item
+            if isinstance(item["counts"], list):
+                rle = mask_utils.frPyObjects(item, height, width)
+        else:
+            rle = mask_utils.merge(mask_utils.frPyObjects(item, height, width))
+        return (mask_utils.decode(rle) * TARGET).astype(np.uint8)
 
 
 def find_annotation_file(key: str, path: Path) -> Path:
@@ -195,19 +190,9 @@ def _segmentation(
 ) -> list[list[float]] | dict[str, Any] | None:
     """A validated polygon list or RLE dict, or None with the problem recorded."""
     if isinstance(seg, dict):
-        try:
-            size = [int(v) for v in seg["size"]]
-            runs = rle_counts(seg["counts"])
-        except (KeyError, TypeError, ValueError) as err:
-            problems.append(f"{where}: bad RLE segmentation ({err})")
-            return None
-        if size != [height, width]:
-            problems.append(
-                f"{where}: RLE mask size {size[1]}x{size[0]} differs from image {width}x{height}"
-            )
-            return None
-        if sum(runs) != height * width:
-            problems.append(f"{where}: RLE runs cover {sum(runs)} pixels, not {height * width}")
+        problem = check_rle(seg, height, width)
+        if problem is not None:
+            problems.append(f"{where}: {problem}")
             return None
         return seg
     if not isinstance(seg, list) or not seg:
@@ -222,4 +207,25 @@ def _segmentation(
         if len(flat) < 6 or len(flat) % 2:
             problems.append(f"{where}: a polygon needs at least 3 (x, y) points, got {flat!r:.60}")
             return None
+        far = _far_point(flat, width, height)
+        if far is not None:
+            problems.append(
+                f"{where}: polygon point {far} lies far outside the {width}x{height} image "
+                "(annotated on a larger copy of the image?)"
+            )
+            return None
     return seg
+
+
+def _far_point(flat: list[float], width: int, height: int) -> tuple[float, float] | None:
+    """A point that is not finite or lies more than one image size outside the image.
+
+    Points slightly outside are clipped by pycocotools; far ones make its rasterizer walk
+    (and allocate for) every pixel of the edge, and crash it at around 1e9.
+    """
+    for x, y in zip(flat[0::2], flat[1::2], strict=True):
+        inside_x = math.isfinite(x) and -width <= x <= 2 * width
+        inside_y = math.isfinite(y) and -height <= y <= 2 * height
+        if not (inside_x and inside_y):
+            return (x, y)
+    return None
