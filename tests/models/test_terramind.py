@@ -85,3 +85,10 @@ def test_gradient_checkpointing_gives_the_same_gradients() -> None:
     again = [p.grad for p in model.parameters() if p.grad is not None]
     assert len(plain) == len(again)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, again, strict=True))
+
+
+@pytest.mark.terratorch
+@needs_terratorch
+def test_unknown_name_lists_the_terramind_encoders() -> None:
+    with pytest.raises(ConfigError, match="'terramind_v2_tiny' is not in.*terramind_v1_tiny,"):
+        build("terramind_v2_tiny", modalities=["S1RTC"])

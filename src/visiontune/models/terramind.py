@@ -156,7 +156,11 @@ def build(
         )
     registry = _registry()
     if name not in registry:
-        known = sorted(n for n in registry if "terramind" in n and not n.endswith("tokenizer"))
+        known = sorted(
+            n.removeprefix("terratorch_")
+            for n in registry
+            if "terramind" in n and "tokenizer" not in n
+        )
         raise ConfigError(
             [
                 f"model.builder_args.name: {name!r} is not in terratorch's registry; "
