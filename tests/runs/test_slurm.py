@@ -27,19 +27,20 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from tests.conftest import tiny_config
+from visiontune import api
 from visiontune.cli import app
 from visiontune.engine import checkpoint as ckpt
 from visiontune.engine.state import WEIGHTS
 from visiontune.runs import slurm
 from visiontune.runs.rundir import read_jsonl
 
-JOB_ID = "4242"
+JOB_ID = "4242"  # as the sbatch stub sets it
 
 SBATCH = """#!/bin/bash
 echo "sbatch $*" >> "$STUB_LOG/calls"
 script="${@: -1}"
 (
-  export SLURM_JOB_ID=%s SLURM_JOB_NODELIST=node1 SLURM_NNODES=1
+  export SLURM_JOB_ID=4242 SLURM_JOB_NODELIST=node1 SLURM_NNODES=1
   while :; do
     rm -f "$STUB_LOG/requeued"
     bash "$script" >> "$STUB_LOG/job.out" 2>&1
@@ -48,8 +49,8 @@ script="${@: -1}"
   done
   touch "$STUB_LOG/done"
 ) > /dev/null 2>&1 &
-echo "Submitted batch job %s"
-""" % (JOB_ID, JOB_ID)
+echo "Submitted batch job 4242"
+"""
 
 SRUN = """#!/bin/bash
 echo "srun $*" >> "$STUB_LOG/calls"
@@ -109,23 +110,18 @@ def test_usr1_to_the_job_step_saves_exits_75_requeues_and_the_resumed_run_matche
         train={"max_steps": steps, "log_every": 10},
         checkpoint={"every_steps": 1000, "keep_last": 1},
     )  # fmt: skip
+    cfg.data.val = None  # no evaluation: the test is about the stop, not the metrics
     config = tmp_path / "cfg.yaml"
     config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     env, log = stub_env(tmp_path)
-    reference = subprocess.run(
-        [sys.executable, "-m", "visiontune.cli", "train", str(config), "name=reference",
-         "--allow-duplicate"],
-        env=env, cwd=tmp_path, capture_output=True, text=True,
-    )  # fmt: skip
-    assert reference.returncode == 0, reference.stdout + reference.stderr
-
+    # The step time is given (the plan's probe that measures it is tested in tests/engine).
     submitted = subprocess.run(
         [sys.executable, "-m", "visiontune.cli", "slurm", str(config), "--time", "0:10:00",
-         "--gpus-per-node", "1", "--signal-margin", "120", "--submit"],
+         "--gpus-per-node", "1", "--signal-margin", "120", "--step-time", "0.5",
+         "--save-time", "1", "--submit"],
         env=env, cwd=tmp_path, capture_output=True, text=True,
     )  # fmt: skip
     assert submitted.returncode == 0, submitted.stdout + submitted.stderr
-    assert "measured on this machine's cpu" in submitted.stdout
     assert f"Submitted batch job {JOB_ID}" in submitted.stdout
     script = tmp_path / "runs/tiny.sbatch"
     metrics = tmp_path / "runs/tiny/metrics.jsonl"
@@ -143,6 +139,13 @@ def test_usr1_to_the_job_step_saves_exits_75_requeues_and_the_resumed_run_matche
     assert f"resumed from {tmp_path / 'runs/tiny/checkpoints'}" in train_log
     assert json.loads((tmp_path / "runs/tiny/summary.json").read_text())["status"] == "completed"
 
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the job's OMP_NUM_THREADS=1
+    try:
+        reference = api.train(cfg.model_copy(update={"name": "reference"}), allow_duplicate=True)
+    finally:
+        torch.set_num_threads(torch_threads)
+    assert reference.exit_code == 0
     final = {}
     for name in ("tiny", "reference"):
         latest = ckpt.latest_complete(tmp_path / f"runs/{name}/checkpoints")
@@ -215,9 +218,9 @@ def test_the_script_signals_the_steps_and_passes_bash(image_data: Path, tmp_path
     )  # fmt: skip
     text = slurm.render(job, cfg, tmp_path / "out-%j.log")
     directives = re.findall(r"^#SBATCH (\S+)", text, re.MULTILINE)
-    for expected in ("--time=08:00:00", "--nodes=2", "--gpus-per-node=4", "--signal=USR1@300",
-                     "--requeue", "--account=proj1", "--partition=gpu", "--ntasks-per-node=1"):  # fmt: skip
-        assert expected in directives
+    expected = ["--time=08:00:00", "--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=4",
+                "--signal=USR1@300", "--requeue", "--account=proj1", "--partition=gpu"]  # fmt: skip
+    assert set(expected) <= set(directives)
     assert "train.time_limit=7h55m0s optim.lr=5e-5" in text
     assert "--nproc-per-node=4" in text and "--rdzv-backend=c10d" in text
     assert subprocess.run(["bash", "-n"], input=text, text=True).returncode == 0
