@@ -11,6 +11,7 @@ as a job step in a process group of its own, and the test signals that whole gro
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import signal
@@ -30,9 +31,11 @@ from tests.conftest import tiny_config
 from visiontune import api
 from visiontune.cli import app
 from visiontune.engine import checkpoint as ckpt
+from visiontune.engine.plan.forecast import TrainForecast
 from visiontune.engine.state import WEIGHTS
+from visiontune.engine.stop import StopRequest
 from visiontune.runs import slurm
-from visiontune.runs.rundir import read_jsonl
+from visiontune.runs.rundir import LOGGER, read_jsonl
 
 JOB_ID = "4242"  # as the sbatch stub sets it
 
@@ -240,3 +243,21 @@ def test_only_rank_0_requeues(
     slurm.requeue_if_asked(75)
     recorded = tmp_path / "calls"
     assert (recorded.read_text().splitlines() if recorded.exists() else []) == calls
+
+
+def test_the_training_forecast_counts_the_requeues_left(
+    image_data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = tiny_config(image_data, tmp_path, train={"max_steps": 1000, "time_limit": "100s"})
+    stop = StopRequest(100, started=time.monotonic())
+    forecast = TrainForecast(cfg, 1000, stop)
+    logger = logging.getLogger(LOGGER)
+    logger.addHandler(caplog.handler)
+    try:
+        for step in range(1, 5):  # 4 steps "of 2s" observed at once: start-up counts as 0
+            forecast.observe(step, 2.0, has_eval=False)
+    finally:
+        logger.removeHandler(caplog.handler)
+    # By hand: this job reaches step 4 + int(~100 / 2) = 54. A job of 100s trains
+    # (100 - 0 - 2 * 2) / 2 = 48 steps; (1000 - 54) / 48 = 19.7 -> 20 more jobs.
+    assert "about 20 more job(s) of 48 steps finish it (20 requeue(s))" in caplog.text
