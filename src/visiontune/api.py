@@ -97,8 +97,10 @@ def train_in(
     run: RunDir, cfg: Config, resume: bool, stop: StopRequest, started: float
 ) -> TrainResult:
     """The run of `train` inside its locked run directory, its record kept alive meanwhile."""
-    setup_logging(run.log)
     remote = RemoteRun.for_config(cfg)
+    if remote and resume:
+        remote.pull_log(run)  # first: the log of this job goes on after the earlier jobs'
+    setup_logging(run.log)
     if remote and resume:
         remote.pull_into(run)
     record = RunRecord.start(run, cfg, resume)

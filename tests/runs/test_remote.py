@@ -71,6 +71,8 @@ def test_a_run_mirrored_to_a_file_url_resumes_on_a_machine_without_its_run_dir(
     resumed = api.train(with_train(cfg, max_steps=6), resume=True)
     assert resumed.state.step == 6
     log = (tmp_path / "local/tiny/train.log").read_text()
+    assert log.startswith((remote / "train.log").read_text().split("\n", 1)[0])  # earlier jobs'
+    assert "training 4 optimizer steps" in log  # the first job's log goes on
     assert f"pulled step-00000004 from {remote_url}/tiny" in log
     assert "resumed from" in log
     assert [r["step"] for r in read_jsonl(tmp_path / "local/tiny/metrics.jsonl")] == list(

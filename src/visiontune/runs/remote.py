@@ -178,6 +178,11 @@ class RemoteRun:
 
     # ---- download --------------------------------------------------------------------------
 
+    def pull_log(self, run: RunDir) -> None:
+        """train.log of the earlier jobs, when this machine has none, before logging starts."""
+        if not run.log.exists() and self.fs.exists(self.path(run.log.name)):
+            self.fs.get_file(self.path(run.log.name), str(run.log))
+
     def pull_into(self, run: RunDir) -> Path | None:
         """Bring the newest complete checkpoint here when it is newer than every local one,
         and the records and best/ the local run directory lacks; return the pulled path."""
