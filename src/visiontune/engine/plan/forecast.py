@@ -123,7 +123,7 @@ class TrainForecast:
                 log.warning(
                     "running under SLURM without train.time_limit: the job's time limit would "
                     "kill the run without a checkpoint; set train.time_limit a few minutes "
-                    "under --time (see examples/slurm/train.sbatch)"
+                    "under --time (`visiontune slurm` does both)"
                 )
             return
         left_s = parse_duration(limit) - (time.monotonic() - self.stop.started)
