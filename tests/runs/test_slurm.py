@@ -261,3 +261,15 @@ def test_the_training_forecast_counts_the_requeues_left(
     # By hand: this job reaches step 4 + int(~100 / 2) = 54. A job of 100s trains
     # (100 - 0 - 2 * 2) / 2 = 48 steps; (1000 - 54) / 48 = 19.7 -> 20 more jobs.
     assert "about 20 more job(s) of 48 steps finish it (20 requeue(s))" in caplog.text
+
+
+def test_a_different_earlier_script_is_kept_aside_and_an_identical_one_left_alone(
+    tmp_path: Path,
+) -> None:
+    script = tmp_path / "run.sbatch"
+    assert slurm.write_script(script, "#!/bin/bash\necho one\n") is None
+    assert slurm.write_script(script, "#!/bin/bash\necho one\n") is None
+    aside = slurm.write_script(script, "#!/bin/bash\necho two\n")
+    assert aside is not None and aside.read_text() == "#!/bin/bash\necho one\n"
+    assert script.read_text() == "#!/bin/bash\necho two\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["run.sbatch", aside.name])
