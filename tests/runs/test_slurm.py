@@ -272,4 +272,7 @@ def test_a_different_earlier_script_is_kept_aside_and_an_identical_one_left_alon
     aside = slurm.write_script(script, "#!/bin/bash\necho two\n")
     assert aside is not None and aside.read_text() == "#!/bin/bash\necho one\n"
     assert script.read_text() == "#!/bin/bash\necho two\n"
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["run.sbatch", aside.name])
+    again = slurm.write_script(script, "#!/bin/bash\necho three\n")  # within the same second
+    assert again is not None and again.read_text() == "#!/bin/bash\necho two\n"
+    assert aside.read_text() == "#!/bin/bash\necho one\n"
+    assert len(list(tmp_path.iterdir())) == 3

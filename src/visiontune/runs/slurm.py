@@ -164,7 +164,12 @@ def write_script(path: Path, text: str) -> Path | None:
     """Write the script; an existing different one is renamed aside (returned), never lost."""
     aside = None
     if path.exists() and path.read_text() != text:
-        aside = path.with_name(f"{path.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        aside = path.with_name(f"{path.name}.replaced-{stamp}")
+        number = 1
+        while aside.exists():  # two replacements within one second
+            number += 1
+            aside = path.with_name(f"{path.name}.replaced-{stamp}-{number}")
         path.rename(aside)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
