@@ -30,6 +30,7 @@ from visiontune.models.lora import check_trainable_share
 from visiontune.runs import ledger
 from visiontune.runs.budget import refuse_if_spent
 from visiontune.runs.record import Heartbeat, RunRecord
+from visiontune.runs.remote import RemoteRun
 from visiontune.runs.report import plot_training, write_summary
 from visiontune.runs.rundir import LOGGER, RunDir, setup_logging
 from visiontune.task import Metrics, ModelAdapter, Task, resolved_config
@@ -96,7 +97,12 @@ def train_in(
     run: RunDir, cfg: Config, resume: bool, stop: StopRequest, started: float
 ) -> TrainResult:
     """The run of `train` inside its locked run directory, its record kept alive meanwhile."""
+    remote = RemoteRun.for_config(cfg)
+    if remote and resume:
+        remote.pull_log(run)  # first: the log of this job goes on after the earlier jobs'
     setup_logging(run.log)
+    if remote and resume:
+        remote.pull_into(run)
     record = RunRecord.start(run, cfg, resume)
     loop: Loop | None = None
     try:
@@ -125,6 +131,8 @@ def train_in(
     adapter = loop.runner.adapter if loop is not None else None
     summary = write_summary(run, cfg, state, adapter, time.monotonic() - started)
     record.finish(summary)
+    if remote:
+        remote.push_records(run)
     ledger.write_cache(cfg.output_dir)
     log.info("run directory: %s", run.root.resolve())
     return TrainResult(run.root, state, summary)

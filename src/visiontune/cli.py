@@ -76,6 +76,7 @@ def train(
     """Train. Exit code 75 means: stopped by a signal or time limit, checkpoint saved, resume."""
     from visiontune import api
     from visiontune.config import load_config
+    from visiontune.runs.slurm import requeue_if_asked
 
     cfg = load_config(config, overrides)
     result = api.train(cfg, resume=resume, overwrite=overwrite, allow_duplicate=allow_duplicate)
@@ -87,6 +88,7 @@ def train(
     if summary["accepted"] is not None:
         typer.echo(f"acceptance: {'PASS' if summary['accepted'] else 'FAIL'}")
     typer.echo(f"run directory: {summary['run_dir']}")
+    requeue_if_asked(result.exit_code)
     raise typer.Exit(result.exit_code)
 
 
@@ -192,6 +194,66 @@ def plan(
     result = make_plan(cfg, steps, budget, time, compared, say=typer.echo)
     for line in describe(result, budget):
         typer.echo(line)
+
+
+@app.command()
+@friendly
+def slurm(
+    config: Annotated[Path, typer.Argument(help="YAML config file.")],
+    overrides: Overrides = None,
+    time: Annotated[str, typer.Option(help="Job time limit: 8:00:00, 1-12:00:00 or 7h50m.")] = "",
+    gpus_per_node: Annotated[int, typer.Option(min=1, help="GPUs (ranks) per node.")] = 1,
+    nodes: Annotated[int, typer.Option(min=1, help="Nodes.")] = 1,
+    account: Annotated[str | None, typer.Option(help="sbatch --account.")] = None,
+    partition: Annotated[str | None, typer.Option(help="sbatch --partition.")] = None,
+    signal_margin: Annotated[
+        int, typer.Option(min=1, help="Seconds before the limit that USR1 comes.")
+    ] = 300,
+    step_time: Annotated[
+        float | None, typer.Option(help="Seconds per step measured on the cluster (no probe).")
+    ] = None,
+    save_time: Annotated[float, typer.Option(help="Seconds per save, with --step-time.")] = 0.0,
+    out: Annotated[
+        Path | None, typer.Option(help="Script path (default OUTPUT_DIR/NAME.sbatch).")
+    ] = None,
+    submit: Annotated[bool, typer.Option(help="Run sbatch on the script.")] = False,
+) -> None:
+    """Write an sbatch script that trains with torchrun across nodes, saves and requeues
+    itself before its time limit, and resumes; with --submit, submit it."""
+    from visiontune import api
+    from visiontune.config import load_config
+    from visiontune.errors import ConfigError
+    from visiontune.runs import slurm as sl
+
+    cfg = load_config(config, overrides)
+    try:
+        time_s = sl.parse_slurm_time(time) if time else None
+    except ValueError as err:
+        raise ConfigError([str(err)], source="visiontune slurm") from None
+    if time_s is None:
+        raise ConfigError(["--time is required, e.g. --time 8:00:00"], source="visiontune slurm")
+    job = sl.SlurmJob(
+        config, list(overrides or []), time_s, gpus_per_node, nodes, account, partition,
+        signal_margin,
+    )  # fmt: skip
+    api.make_task(cfg).datasets()  # the config check's data errors, before any measuring
+    if step_time is not None:
+        timing = sl.given_timing(cfg, step_time, save_time, sl.total_steps(cfg))
+    else:
+        typer.echo("measuring 3 optimizer steps in a fresh process (or pass --step-time) ...")
+        timing = sl.measured_timing(cfg)
+    for line in sl.check_job(job, cfg, timing):
+        typer.echo(line)
+    script = out or cfg.output_dir / f"{cfg.name}.sbatch"
+    text = sl.render(job, cfg, (cfg.output_dir / f"{cfg.name}.slurm-%j.out").resolve())
+    aside = sl.write_script(script, text)
+    if aside is not None:
+        typer.echo(f"the earlier {script} differed: kept as {aside}")
+    typer.echo(f"wrote {script}")
+    if submit:
+        typer.echo(sl.submit(script))
+    else:
+        typer.echo(f"submit with: sbatch {script}")
 
 
 @app.command("eval")

@@ -231,6 +231,22 @@ class CheckpointConfig(Section):
     )
     keep_last: int = Field(default=2, ge=1)
     keep_best: bool = True
+    remote_dir: str | None = Field(
+        default=None,
+        description="fsspec URL (gs://bucket/runs, s3://..., file://...) the run directory is "
+        "mirrored to, as <remote_dir>/<name>/; --resume pulls the newest complete checkpoint "
+        "from it (gs:// needs visiontune[gcs], s3:// visiontune[s3]).",
+    )
+
+    @field_validator("remote_dir")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is not None and "://" not in value:
+            raise ValueError(
+                f"checkpoint.remote_dir {value!r} is not a URL: use e.g. gs://bucket/runs, "
+                "s3://bucket/runs or file:///shared/runs"
+            )
+        return value
 
 
 class EvalConfig(Section):

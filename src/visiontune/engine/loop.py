@@ -42,6 +42,7 @@ from visiontune.metrics.acceptance import judge
 from visiontune.runs.budget import over_budget
 from visiontune.runs.eval_noise import save_eval_samples
 from visiontune.runs.progress import TrainProgress
+from visiontune.runs.remote import RemoteRun
 from visiontune.runs.rundir import LOGGER, RunDir
 from visiontune.runs.trackers import build_trackers
 from visiontune.task import Batch, Metrics, Splits, Task, augmented, resolved_config
@@ -86,6 +87,7 @@ class Loop:
             cfg.eval.mode, cfg.eval.patience, cfg.eval.min_delta, cfg.train.min_steps
         )
         self.tracker = build_trackers(cfg, run)
+        self.remote = RemoteRun.for_config(cfg)
         self._batches: Iterator[Batch] | None = None
         self._loader: TrainLoader | None = None  # built at the first batch, after any resume
         self._step_seconds = 0.0
@@ -359,6 +361,8 @@ class Loop:
             lambda directory: self.write_weights(directory, model_card=True),
             {"step": self.state.step},
         )
+        if self.remote:
+            self.remote.push_best(self.rundir.best)
 
     def fingerprint(self) -> dict[str, Any]:
         keys = getattr(self.splits.train, "keys", None)
@@ -389,6 +393,8 @@ class Loop:
             else set()
         )
         ckpt.prune(self.rundir.checkpoints, self.cfg.checkpoint.keep_last, keep)
+        if self.remote:
+            self.remote.push_checkpoint(path, self.rundir, self.cfg.checkpoint.keep_last, keep)
         self._saved_step = self.state.step
         self._save_seconds = time.monotonic() - started
         log.info("saved checkpoint %s (%.1fs)", path, self._save_seconds)

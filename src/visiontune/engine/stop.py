@@ -7,7 +7,7 @@ default action in the middle of a setup or a save. The engine then asks it:
 
 - at the boundaries of set-up (data checked, model built, checkpoint loaded), `requested()`:
   there is nothing to save yet, so the run stops there with EXIT_RESUMABLE, and SLURM
-  requeues the job (`examples/slurm/train.sbatch`);
+  requeues the job (`visiontune slurm`, `examples/slurm/train.sbatch`);
 - after each optimizer step, `reason(...)`: save a checkpoint, exit EXIT_RESUMABLE, resume;
 - before the final evaluation, `requested()`: save and exit EXIT_RESUMABLE, and the resumed
   job evaluates; a signal that arrives during the final evaluation or save is seen only

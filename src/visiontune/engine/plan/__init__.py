@@ -135,7 +135,7 @@ def describe(plan: Plan, budget_mb: float | None = None) -> list[str]:
         else:
             lines.append(
                 f"does not fit the time limit {duration(plan.limit_s)}: {jobs} jobs, "
-                f"{jobs - 1} SLURM requeue(s) (examples/slurm/train.sbatch)"
+                f"{jobs - 1} SLURM requeue(s) (`visiontune slurm` writes the script)"
             )
     if budget_mb is not None:
         lines.extend(describe_budget(plan, budget_mb))

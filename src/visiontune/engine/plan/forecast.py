@@ -123,7 +123,7 @@ class TrainForecast:
                 log.warning(
                     "running under SLURM without train.time_limit: the job's time limit would "
                     "kill the run without a checkpoint; set train.time_limit a few minutes "
-                    "under --time (see examples/slurm/train.sbatch)"
+                    "under --time (`visiontune slurm` does both)"
                 )
             return
         left_s = parse_duration(limit) - (time.monotonic() - self.stop.started)
@@ -134,8 +134,8 @@ class TrainForecast:
         first_save = (step // every + 1) * every if every else None
         log.warning(
             "train.time_limit %s ends this job at about step %d of %d: the run saves at the "
-            "limit, exits 75 and continues with --resume",
-            limit, reach, self.total_steps,
+            "limit, exits 75 and continues with --resume; %s",
+            limit, reach, self.total_steps, self.jobs_after(reach, step_s, parse_duration(limit)),
         )  # fmt: skip
         if first_save is None or first_save > reach:
             log.warning(
@@ -144,3 +144,17 @@ class TrainForecast:
                 "checkpoint and steps %d-%d are lost; set checkpoint.every_steps=%d or less",
                 every, (self.start_step or 0) + 1, reach, max(1, (reach - step) // 2),
             )  # fmt: skip
+
+    def jobs_after(self, reach: int, step_s: float, limit_s: float) -> str:
+        """How many more jobs of the same limit finish the run (each a requeue under SLURM).
+
+        Each pays this job's start-up again (the time before its first step) and keeps two
+        steps back, as the loop's stop margin does; saves and evaluations are not counted, so
+        this is the least number.
+        """
+        startup_s = max(0.0, time.monotonic() - self.stop.started - sum(self.times))
+        per_job = int((limit_s - startup_s - 2 * step_s) / step_s)
+        if per_job < 1:
+            return "a job of this limit cannot train even one step after its start-up"
+        more = math.ceil((self.total_steps - reach) / per_job)
+        return f"about {more} more job(s) of {per_job} steps finish it ({more} requeue(s))"

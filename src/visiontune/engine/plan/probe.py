@@ -106,6 +106,7 @@ def measure(
                 "name=probe",
                 "train.time_limit=null",
                 "train.plan=false",
+                "checkpoint.remote_dir=null",  # a measurement is never copied to the user's bucket
                 "tracking.tensorboard=false",
             ],
         )
