@@ -106,6 +106,7 @@ SAM3_COMPONENTS = (
     "detr_encoder",
     "detr_decoder",
     "mask_decoder",
+    "dot_product_scoring",
 )
 Sam3Component = Literal[
     "vision_encoder",
@@ -115,7 +116,18 @@ Sam3Component = Literal[
     "detr_encoder",
     "detr_decoder",
     "mask_decoder",
+    "dot_product_scoring",
 ]
+
+
+def names_sam3(model: ModelConfig) -> bool:
+    """Whether the config itself says SAM 3 (family, inline model_type, or a hub id like
+    facebook/sam3), for defaults decided before any model config is read."""
+    if model.family != "auto":
+        return model.family == "sam3"
+    if model.config is not None:
+        return str(model.config.get("model_type")) in ("sam3", "sam3_video")
+    return Path(str(model.name_or_path)).name.lower().startswith("sam3")
 
 
 class Sam3LossConfig(Section):

@@ -94,7 +94,9 @@ def read_instances(
             for r in records
         ]
     folder = options.mask_folder
-    records = read_mask_folder(key, path, folder.images, folder.masks, folder.ignore_value, problems)
+    records = read_mask_folder(
+        key, path, folder.images, folder.masks, folder.ignore_value, problems
+    )
     split_values = options.sam3.instances_from == "values"
     return [
         InstanceRecord(
@@ -232,7 +234,7 @@ class InstanceDataset(Dataset):
             rendered = record.masks.render(width, height, False)
         except DataError as err:
             return Skipped(record.sample_id, str(err))
-        if rendered and all(bool((m == IGNORE).all()) for m in rendered):
+        if self._all_ignore(record, rendered, width, height):
             return Skipped(record.sample_id, "every instance is ignore: nothing to score")
         truth = [m == TARGET for m in rendered]
         empty = [k for k, m in enumerate(truth) if not m.any()]
@@ -256,6 +258,19 @@ class InstanceDataset(Dataset):
             "boxes": mask_boxes(frame),
             "eval_masks": torch.from_numpy(stack),
         }
+
+    @staticmethod
+    def _all_ignore(
+        record: InstanceRecord, rendered: list[np.ndarray], width: int, height: int
+    ) -> bool:
+        """Instances that are all ignore, or (labelme: ignore shapes belong to no instance) an
+        annotated image with ignore shapes and no target shape."""
+        if rendered:
+            return all(bool((m == IGNORE).all()) for m in rendered)
+        if isinstance(record.masks, NoInstances):
+            return False
+        merged = record.masks.render(width, height, True)
+        return bool(merged) and bool((merged[0] == IGNORE).any())
 
     def _limit(self, record: InstanceRecord, truth: list[np.ndarray]) -> list[np.ndarray]:
         """At most `max_instances` (the model's queries): an error, or the largest kept."""

@@ -32,7 +32,7 @@ from visiontune.task import ModelAdapter, Outputs, TrainableRow
 log = logging.getLogger(__name__)
 
 SAM3_TYPES = ("sam3", "sam3_video")
-REPORTED = (*SAM3_COMPONENTS, "dot_product_scoring")
+REPORTED = SAM3_COMPONENTS
 
 
 def model_type_of(model_cfg: ModelConfig) -> str:
@@ -83,7 +83,9 @@ def load_sam3(cfg: Config) -> nn.Module:
         ]
         raise ConfigError(problems) from None
     if type(model).__name__ != "Sam3Model":
-        raise ConfigError([f"model: model.family sam3 needs a Sam3Model, got {type(model).__name__}"])
+        raise ConfigError(
+            [f"model: model.family sam3 needs a Sam3Model, got {type(model).__name__}"]
+        )
     return model
 
 
@@ -96,7 +98,9 @@ def load_sam3_tokenizer(cfg: Config) -> Any:
     try:
         return AutoTokenizer.from_pretrained(source, revision=cfg.model.revision)
     except (OSError, ValueError) as err:
-        raise ConfigError([access_problem(source, err).replace("model.name_or_path", "task.sam3.tokenizer")]) from None
+        raise ConfigError(
+            [access_problem(source, err).replace("model.name_or_path", "task.sam3.tokenizer")]
+        ) from None
 
 
 def lora_targets(model: nn.Module, lora: LoraConfig, options: Sam3Options) -> list[str]:
@@ -111,15 +115,20 @@ def lora_targets(model: nn.Module, lora: LoraConfig, options: Sam3Options) -> li
         try:
             targets += resolve_targets(model, spec, within=component + ".")
         except ConfigError as err:
-            raise ConfigError([p.replace("lora.targets", f"task.sam3.targets.{component}") for p in err.problems]) from None
+            raise ConfigError(
+                [p.replace("lora.targets", f"task.sam3.targets.{component}") for p in err.problems]
+            ) from None
     return targets
 
 
 def apply_sam3_lora(model: nn.Module, lora: LoraConfig, options: Sam3Options) -> nn.Module:
     """Freeze SAM 3, then LoRA on `lora_on` and full training of `train_fully`.
 
-    The targets go to PEFT as one anchored regex: a list would match by name suffix, and
-    `text_projection` would then also catch `text_encoder.text_projection`.
+    PEFT matches a list of names by suffix, so `text_projection` would also catch
+    `text_encoder.text_projection`: LoRA targets go to PEFT as one anchored regex, and a fully
+    trained component whose name ends another module's name is unfrozen in place instead of
+    through `modules_to_save` (it is then saved in trainable.safetensors, not in the PEFT
+    adapter files).
     """
     overlap = set(options.lora_on) & set(options.train_fully)
     if overlap:
@@ -130,16 +139,21 @@ def apply_sam3_lora(model: nn.Module, lora: LoraConfig, options: Sam3Options) ->
         for name in full + ([] if lora.enabled else list(options.lora_on)):
             getattr(model, name).requires_grad_(True)
         return keep_trainable_fp32(model)
-    targets = lora_targets(model, lora, options)
+    names = [n for n, _ in model.named_modules()]
+    in_place = [c for c in full if any(n.endswith("." + c) for n in names)]
     extra = [] if lora.modules_to_save == "auto" else list(lora.modules_to_save)
+    targets = lora_targets(model, lora, options)
     peft_cfg = PeftLoraConfig(
         r=lora.rank,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         target_modules="^(" + "|".join(re.escape(t) for t in targets) + ")$",
-        modules_to_save=(full + extra) or None,
+        modules_to_save=[c for c in full if c not in in_place] + extra or None,
     )
-    return keep_trainable_fp32(get_peft_model(model, peft_cfg, autocast_adapter_dtype=True))
+    wrapped = get_peft_model(model, peft_cfg, autocast_adapter_dtype=True)
+    for name in in_place:
+        getattr(model, name).requires_grad_(True)
+    return keep_trainable_fp32(wrapped)
 
 
 class Sam3Adapter(ModelAdapter):
@@ -213,9 +227,7 @@ class Sam3Adapter(ModelAdapter):
             "semantic_seg": semantic[:, 0].float() if semantic is not None else None,
         }
 
-    def vision_embeds(
-        self, pixel_values: torch.Tensor, cache_keys: list[str] | None = None
-    ) -> Any:
+    def vision_embeds(self, pixel_values: torch.Tensor, cache_keys: list[str] | None = None) -> Any:
         """The vision encoder's output; the frozen trunk's part from the cache when it serves."""
         encoder = self.sam3.vision_encoder
         pixel_values = pixel_values.to(next(encoder.parameters()).dtype)
@@ -261,4 +273,3 @@ class Sam3Adapter(ModelAdapter):
 
     def export_merged(self, out_dir: Path) -> None:
         merged(self.model).save_pretrained(str(out_dir))
-
