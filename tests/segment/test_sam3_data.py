@@ -8,8 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 from pycocotools import mask as mask_utils
 from scipy import ndimage
 
@@ -65,7 +64,9 @@ def test_mask_folder_instances_are_components_or_values(tmp_path: Path) -> None:
     mask[8, 0:3] = 7  # a third, other value
     root = mask_folder(tmp_path / "data", [mask])
     problems: list[str] = []
-    by_component = read_instances("mask_folder", "data.train", root, options(prompts={"crack": "crack"}), problems)
+    by_component = read_instances(
+        "mask_folder", "data.train", root, options(prompts={"crack": "crack"}), problems
+    )
     values = options(prompts={"crack": "crack"}, sam3={"instances_from": "values"})
     by_value = read_instances("mask_folder", "data.train", root, values, problems)
     assert not problems
@@ -93,7 +94,9 @@ def rect(x: int, group: int | None, label: str = "target") -> dict:
 
 def test_labelme_shapes_sharing_a_group_id_are_one_instance(tmp_path: Path) -> None:
     labelme_file(tmp_path / "lm", [rect(1, 1), rect(8, 1), rect(14, 2)])
-    records = read_instances("labelme", "data.train", tmp_path / "lm", options(prompts={"crack": "crack"}), [])
+    records = read_instances(
+        "labelme", "data.train", tmp_path / "lm", options(prompts={"crack": "crack"}), []
+    )
     sample = dataset(records)[0]
     assert not isinstance(sample, Skipped)
     assert len(sample["masks"]) == 2
@@ -102,7 +105,9 @@ def test_labelme_shapes_sharing_a_group_id_are_one_instance(tmp_path: Path) -> N
 
 def test_an_image_whose_instances_are_all_ignore_is_skipped(tmp_path: Path) -> None:
     labelme_file(tmp_path / "lm", [rect(1, None, "ignore"), rect(8, None, "ignore")])
-    records = read_instances("labelme", "data.train", tmp_path / "lm", options(prompts={"crack": "crack"}), [])
+    records = read_instances(
+        "labelme", "data.train", tmp_path / "lm", options(prompts={"crack": "crack"}), []
+    )
     sample = dataset(records)[0]
     assert isinstance(sample, Skipped) and "ignore" in sample.reason
 
@@ -114,7 +119,9 @@ def test_more_instances_than_queries_is_an_error_or_a_named_truncation(
     for k in range(5):
         mask[1 + 4 * k, 1 : 3 + k] = 255  # five separate lines of growing length
     root = mask_folder(tmp_path / "data", [mask])
-    records = read_instances("mask_folder", "data.train", root, options(prompts={"crack": "crack"}), [])
+    records = read_instances(
+        "mask_folder", "data.train", root, options(prompts={"crack": "crack"}), []
+    )
     with pytest.raises(DataError, match=r"m0.png: 5 instances of 'crack' but the model has 3"):
         dataset(records, max_instances=3)[0]
     with caplog.at_level(logging.WARNING):

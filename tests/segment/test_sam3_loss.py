@@ -58,7 +58,9 @@ def test_terms_match_hand_computed_values() -> None:
     p0, p1 = 1 / (1 + math.exp(-2.0)), 1 / (1 + math.exp(1.0))
     positive = alpha * (1 - p0) ** gamma * -math.log(p0)
     negative = (1 - alpha) * p1**gamma * -math.log(1 - p1)
-    assert math.isclose(float(out.parts["class"]), spec.class_weight * (positive + negative), rel_tol=1e-5)
+    assert math.isclose(
+        float(out.parts["class"]), spec.class_weight * (positive + negative), rel_tol=1e-5
+    )
     assert float(out.parts["box_l1"]) == 0.0
     assert abs(float(out.parts["giou"])) < 1e-6
     assert math.isclose(float(out.parts["presence"]), math.log(2), rel_tol=1e-6)

@@ -52,7 +52,11 @@ def test_vision_lora_and_per_component_targets() -> None:
         "task.sam3.targets={vision_encoder: qv}",
     )
     adapter = Sam3Adapter(cfg, "auto", None)
-    vision = [n for n, _ in adapter.sam3.named_modules() if n.startswith("vision_encoder") and n.endswith("lora_A")]
+    vision = [
+        n
+        for n, _ in adapter.sam3.named_modules()
+        if n.startswith("vision_encoder") and n.endswith("lora_A")
+    ]
     leaves = {n.split(".")[-2] for n in vision}
     assert leaves == {"q_proj", "v_proj"}
     assert adapter.cache is None  # a trainable vision encoder is never cached
@@ -65,8 +69,12 @@ def test_cached_trunk_gives_the_same_outputs_and_is_reused() -> None:
     mask = torch.ones(2, 8, dtype=torch.long)
     with torch.no_grad():
         plain = adapter(pixel_values=pixels, input_ids=ids, attention_mask=mask)
-        first = adapter(pixel_values=pixels, input_ids=ids, attention_mask=mask, cache_keys=["a", "b"])
-        again = adapter(pixel_values=pixels, input_ids=ids, attention_mask=mask, cache_keys=["a", "b"])
+        first = adapter(
+            pixel_values=pixels, input_ids=ids, attention_mask=mask, cache_keys=["a", "b"]
+        )
+        again = adapter(
+            pixel_values=pixels, input_ids=ids, attention_mask=mask, cache_keys=["a", "b"]
+        )
     assert adapter.cache is not None and adapter.cache.misses == 2 and adapter.cache.hits == 2
     for name in ("pred_masks", "pred_boxes", "pred_logits", "presence_logits"):
         assert torch.allclose(plain[name], first[name], atol=1e-5)
@@ -84,7 +92,9 @@ def test_a_gated_repo_without_access_names_the_repo_and_the_token(
         )
 
     monkeypatch.setattr(AutoModel, "from_pretrained", refuse)
-    cfg = load_config(TINY, ["data.train=.", "model.config=null", "model.name_or_path=facebook/sam3"])
+    cfg = load_config(
+        TINY, ["data.train=.", "model.config=null", "model.name_or_path=facebook/sam3"]
+    )
     with pytest.raises(ConfigError) as caught:
         load_sam3(cfg)
     text = str(caught.value)

@@ -1,8 +1,8 @@
 """Synthetic crack images for the SAM 3 demo and tests: a mask folder with instance ids.
 
-Each image is grey concrete-like noise with one to three dark cracks (jagged polylines, 2-3 px
-wide by default), each in its own horizontal band so that no two touch: the connected components of the
-mask are then exactly the instances, and the mask's pixel values (1, 2, 3) say the same.
+Each image is grey concrete-like noise with one to three dark cracks (jagged polylines, 2-3
+px wide by default), each in its own horizontal band so that no two touch: the connected
+components of the mask are then exactly the instances, and its pixel values (1, 2, 3) too.
 
     python -m visiontune.data.synthetic_cracks OUT [--count 8] [--size 96]
 """

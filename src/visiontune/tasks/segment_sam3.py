@@ -169,7 +169,12 @@ class Sam3SegmentTask:
     # --- evaluation and prediction ----------------------------------------------------------
 
     def instances(
-        self, outputs: Outputs, row: int, size: tuple[int, int], keep: int = KEEP
+        self,
+        outputs: Outputs,
+        row: int,
+        size: tuple[int, int],
+        keep: int = KEEP,
+        mask_threshold: float | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The `keep` best-scoring instances of a row: masks bool [N, H, W] at `size`,
         scores (sigmoid(logit) * sigmoid(presence), as SAM 3 scores) and boxes in pixels."""
@@ -177,7 +182,8 @@ class Sam3SegmentTask:
         order = scores.argsort(descending=True)[:keep]
         logits = outputs["pred_masks"][row, order][:, None]
         full = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
-        masks = (full[:, 0] > self.opts.mask_threshold).cpu()
+        cut = self.opts.mask_threshold if mask_threshold is None else mask_threshold
+        masks = (full[:, 0] > cut).cpu()
         height, width = size
         scale = torch.tensor([width, height, width, height], dtype=torch.float32)
         boxes = outputs["pred_boxes"][row, order].float().cpu() * scale
@@ -223,11 +229,13 @@ class Sam3SegmentTask:
         """Per prompt: every instance above the score threshold (mask PNG, score, box in
         pixels) and one overlay PNG with each instance in its own colour."""
         item, image = batch.extras["item"], batch.extras["image"]
-        score_cut = float(item.get("score_threshold") or self.opts.sam3.score_threshold)
+        score_cut = item.get("score_threshold", self.opts.sam3.score_threshold)
+        mask_cut = item.get("mask_threshold")
         stem = f"{batch.extras['index']:03d}_{Path(item['image']).stem}"
         records = []
         for row, text in enumerate(batch.extras["texts"]):
-            masks, scores, boxes = self.instances(outputs, row, (image.height, image.width))
+            size = (image.height, image.width)
+            masks, scores, boxes = self.instances(outputs, row, size, mask_threshold=mask_cut)
             keep = scores >= score_cut
             masks, scores, boxes = masks[keep], scores[keep], boxes[keep]
             tag = f"{stem}_{text.replace(' ', '_').replace('/', '_')}"
