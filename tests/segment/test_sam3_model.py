@@ -33,7 +33,12 @@ def test_segment_with_a_sam3_model_is_the_sam3_task() -> None:
 
 
 def test_lora_lands_only_in_the_listed_components() -> None:
-    adapter = Sam3Adapter(tiny(), "off", None)
+    cfg = tiny(
+        "lora.targets=attention",
+        "task.sam3.lora_on=[detr_encoder, detr_decoder, mask_decoder]",
+        "task.sam3.train_fully=[dot_product_scoring, text_projection]",
+    )
+    adapter = Sam3Adapter(cfg, "off", None)
     report = rows(adapter)
     for frozen in ("vision_encoder", "text_encoder", "geometry_encoder"):
         assert report[f"sam3.{frozen}"][0] == 0, frozen
@@ -49,6 +54,7 @@ def test_lora_lands_only_in_the_listed_components() -> None:
 def test_vision_lora_and_per_component_targets() -> None:
     cfg = tiny(
         "task.sam3.lora_on=[vision_encoder, mask_decoder]",
+        "task.sam3.train_fully=[]",
         "task.sam3.targets={vision_encoder: qv}",
     )
     adapter = Sam3Adapter(cfg, "auto", None)
@@ -101,3 +107,17 @@ def test_a_gated_repo_without_access_names_the_repo_and_the_token(
     assert "'facebook/sam3' is a gated repository" in text and "HF_TOKEN" in text
     assert "https://huggingface.co/facebook/sam3" in text
     assert "cannot load 'x'" in access_problem("x", OSError("no such directory"))
+
+
+@pytest.mark.parametrize(
+    ("name", "vision_lora", "rank", "micro_batch"),
+    [("crack_sam3_lora.yaml", True, 32, 1), ("crack_sam3_lora_light.yaml", False, 16, 2)],
+)
+def test_example_configs_are_the_issue_setups(
+    name: str, vision_lora: bool, rank: int, micro_batch: int
+) -> None:
+    cfg = load_config(ROOT / "examples" / name)
+    assert cfg.model.name_or_path == "facebook/sam3"
+    assert cfg.eval.metric == "map_50"
+    assert ("vision_encoder" in cfg.task.sam3.lora_on) is vision_lora
+    assert (cfg.lora.rank, cfg.train.micro_batch_size) == (rank, micro_batch)
