@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 from scipy import ndimage
@@ -93,14 +94,16 @@ def rect(x: int, group: int | None, label: str = "target") -> dict:
 
 
 def test_labelme_shapes_sharing_a_group_id_are_one_instance(tmp_path: Path) -> None:
-    labelme_file(tmp_path / "lm", [rect(1, 1), rect(8, 1), rect(14, 2)])
+    labelme_file(tmp_path / "lm", [rect(1, 1), rect(8, 1), rect(14, 2), rect(15, 3)])
     records = read_instances(
         "labelme", "data.train", tmp_path / "lm", options(prompts={"crack": "crack"}), []
     )
     sample = dataset(records)[0]
     assert not isinstance(sample, Skipped)
-    assert len(sample["masks"]) == 2
+    assert len(sample["masks"]) == 3
     assert sample["eval_masks"][0].sum() > sample["eval_masks"][1].sum()  # two rects vs one
+    overlap = sample["eval_masks"][1] & sample["eval_masks"][2]  # overlapping instances
+    assert overlap.any() and not torch.equal(sample["eval_masks"][1], sample["eval_masks"][2])
 
 
 def test_an_image_whose_instances_are_all_ignore_is_skipped(tmp_path: Path) -> None:
