@@ -25,7 +25,7 @@ from visiontune.config.schema import Config, LoraConfig, ModelConfig
 from visiontune.config.tasks import SAM3_COMPONENTS, Sam3Options
 from visiontune.data.cache import FrozenFeatureCache, trunk_fingerprint
 from visiontune.errors import ConfigError
-from visiontune.models.load import enable_checkpointing, load_model
+from visiontune.models.load import build_config, enable_checkpointing, load_model
 from visiontune.models.lora import keep_trainable_fp32, merged, resolve_targets, unwrap
 from visiontune.task import ModelAdapter, Outputs, TrainableRow
 
@@ -35,21 +35,28 @@ SAM3_TYPES = ("sam3", "sam3_video")
 REPORTED = SAM3_COMPONENTS
 
 
-def model_type_of(model_cfg: ModelConfig) -> str:
-    """`model_type` of the configured model: inline, or read from its config.json."""
+def sam3_config(model_cfg: ModelConfig) -> Any:
+    """The configured model's transformers config: inline, or read from its config.json (a
+    gated repo without access is named, with how to get in)."""
     if model_cfg.config is not None:
-        return str(model_cfg.config["model_type"])
+        return build_config(model_cfg.config)
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(
+        return AutoConfig.from_pretrained(
             model_cfg.name_or_path,
             revision=model_cfg.revision,
             trust_remote_code=model_cfg.trust_remote_code,
         )
     except (OSError, ValueError) as err:
         raise ConfigError([access_problem(model_cfg.name_or_path, err)]) from None
-    return str(config.model_type)
+
+
+def model_type_of(model_cfg: ModelConfig) -> str:
+    """`model_type` of the configured model."""
+    if model_cfg.config is not None:
+        return str(model_cfg.config["model_type"])
+    return str(sam3_config(model_cfg).model_type)
 
 
 def is_sam3(model_cfg: ModelConfig) -> bool:

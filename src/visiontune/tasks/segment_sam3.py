@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from visiontune.config.schema import Config, SegmentTaskConfig
 from visiontune.data.cache import image_key
@@ -32,8 +33,7 @@ from visiontune.metrics.instances import (
     semantic_counts,
     semantic_metrics,
 )
-from visiontune.models.sam3 import Sam3Adapter, load_sam3_tokenizer
-from visiontune.models.text_seg import component_config
+from visiontune.models.sam3 import Sam3Adapter, load_sam3_tokenizer, sam3_config
 from visiontune.task import Batch, LossOut, Metrics, ModelAdapter, Outputs, Skipped, Splits
 from visiontune.tasks.sam3_pictures import instance_overlay
 from visiontune.tasks.segment_pictures import save_mask
@@ -65,7 +65,7 @@ class Sam3SegmentTask:
             )
         if any(a is not None for a in cfg.data.augment.values()):
             raise ConfigError(["data.augment: not supported with SAM 3 yet; remove it"])
-        config = component_config(cfg.model, "model")
+        config = sam3_config(cfg.model)
         self.size = int(config.vision_config.image_size)
         self.queries = int(config.detr_decoder_config.num_queries)
         self.signature = f"sam3|{self.size}|{MEAN}|{STD}|squash-bilinear"
@@ -215,7 +215,8 @@ class Sam3SegmentTask:
             )
             if not texts:
                 raise VisiontuneError(f"{path}: give --text (the run's config names no prompts)")
-            array = np.asarray(image.resize((self.size, self.size)), dtype=np.float32) / 255.0
+            square = image.resize((self.size, self.size), Image.Resampling.BILINEAR)
+            array = np.asarray(square, dtype=np.float32) / 255.0
             unit = torch.from_numpy(array).permute(2, 0, 1)
             pixels = ((unit - MEAN[0]) / STD[0])[None].expand(len(texts), -1, -1, -1)
             inputs_ = {"pixel_values": pixels.contiguous(), **self._tokens(texts)}
