@@ -19,6 +19,7 @@ from visiontune.data.instances import (
     InstanceOptions,
     read_instances,
     resize_any,
+    too_many_instances,
 )
 from visiontune.errors import DataError
 from visiontune.task import Skipped
@@ -169,6 +170,16 @@ def test_coco_gives_every_image_and_category_with_negatives(tmp_path: Path) -> N
     assert int(sample["eval_masks"][1].sum()) == 24  # the RLE instance, 4 x 6 pixels
     negative = dataset([r for r in records if r.sample_id == "b:crack"])[0]
     assert negative["masks"].shape == (0, 32, 32)
+
+
+def test_coco_images_with_more_instances_than_queries_are_named_before_training(
+    tmp_path: Path,
+) -> None:
+    source = coco_dir(tmp_path / "coco")
+    records = read_instances("coco", "data.train", source, options(), [])
+    (problem,) = too_many_instances(records, 1)
+    assert problem.startswith(f"{tmp_path / 'coco' / 'a.png'}: 2 instances of 'crack'")
+    assert too_many_instances(records, 2) == []
 
 
 def test_a_coco_category_without_a_prompt_is_named(tmp_path: Path) -> None:

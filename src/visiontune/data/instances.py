@@ -32,7 +32,7 @@ from visiontune.data.images import decode_image
 from visiontune.data.labelme import LabelMap, read_json, read_labelme_split
 from visiontune.data.masks import PngMasks, read_mask_folder
 from visiontune.data.pixel_cache import PixelCache, Pixels
-from visiontune.data.segmentation import IGNORE, TARGET, MaskSource
+from visiontune.data.segmentation import IGNORE, SHARED, TARGET, MaskSource, PolygonMasks
 from visiontune.errors import DataError
 from visiontune.task import Skipped
 
@@ -109,6 +109,34 @@ def read_instances(
         )
         for r in records
     ]
+
+
+def declared_instances(record: InstanceRecord) -> int | None:
+    """How many instances a record's annotations declare, where that is known without
+    rendering (COCO annotations, labelme instance ids); None for mask PNGs."""
+    masks = record.masks
+    if isinstance(masks, NoInstances):
+        return 0
+    if isinstance(masks, PolygonMasks):
+        return len({p.instance for p in masks.polygons if p.instance != SHARED})
+    instances = getattr(masks, "instances", None)
+    return len(instances) if isinstance(instances, list) else None
+
+
+def too_many_instances(records: list[InstanceRecord], limit: int) -> list[str]:
+    """One problem per record declaring more instances than the model has queries, found
+    before training so that every such image is named at once (mask PNGs are checked as they
+    are read)."""
+    problems = []
+    for record in records:
+        count = declared_instances(record)
+        if count is not None and count > limit:
+            problems.append(
+                f"{record.image}: {count} instances of {record.category!r} but the model has "
+                f"{limit} queries; set task.sam3.too_many_instances: truncate to keep the "
+                f"{limit} largest"
+            )
+    return problems
 
 
 def single_category(prompts: dict[str, str], fmt: str) -> str:

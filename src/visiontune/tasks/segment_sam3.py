@@ -23,7 +23,12 @@ from PIL import Image
 from visiontune.config.schema import Config, SegmentTaskConfig
 from visiontune.data.cache import image_key
 from visiontune.data.images import decode_image
-from visiontune.data.instances import InstanceDataset, InstanceOptions, read_instances
+from visiontune.data.instances import (
+    InstanceDataset,
+    InstanceOptions,
+    read_instances,
+    too_many_instances,
+)
 from visiontune.data.pixel_cache import PixelCache
 from visiontune.data.segmentation import holdout, raise_problems
 from visiontune.errors import ConfigError, VisiontuneError
@@ -92,6 +97,9 @@ class Sam3SegmentTask:
                 records[split] = read_instances(
                     data.format, f"data.{split}", Path(path), self.opts, problems
                 )
+        if self.opts.sam3.too_many_instances == "error":
+            for split_records in records.values():
+                problems += too_many_instances(split_records, self.queries)
         raise_problems(problems, "data")
         if "val" not in records and data.val_fraction > 0:
             records["train"], records["val"] = holdout(
