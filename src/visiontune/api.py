@@ -58,7 +58,12 @@ class TrainResult:
 
 
 def make_task(cfg: Config) -> Task:
-    module_name, class_name = TASKS[cfg.task.type].split(":")
+    path = TASKS[cfg.task.type]
+    if cfg.task.type == "segment":
+        from visiontune.models.sam3 import is_sam3
+
+        path = "visiontune.tasks.segment_sam3:Sam3SegmentTask" if is_sam3(cfg.model) else path
+    module_name, class_name = path.split(":")
     return getattr(importlib.import_module(module_name), class_name)(cfg)
 
 

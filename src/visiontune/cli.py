@@ -293,6 +293,12 @@ def predict(
     out: Annotated[Path, typer.Option(help="Where predictions go.")] = Path("predictions"),
     output_format: Annotated[str, typer.Option("--format", help="json or csv")] = "json",
     checkpoint: Annotated[Path | None, typer.Option(help="A checkpoint instead of best/.")] = None,
+    score_threshold: Annotated[
+        float | None, typer.Option(help="SAM 3: keep instances scoring at least this.")
+    ] = None,
+    mask_threshold: Annotated[
+        float | None, typer.Option(help="SAM 3: mask logit cut-off (0.0 = probability 0.5).")
+    ] = None,
 ) -> None:
     """Predict for image files or folders; writes predictions.json or .csv (and pictures)."""
     from visiontune import api
@@ -304,6 +310,8 @@ def predict(
     if output_format not in {"json", "csv"}:
         raise VisiontuneError(f"--format must be json or csv, not {output_format!r}")
     records = [{"image": str(f), "text": text or prompt} for f in files]
+    cuts = {"score_threshold": score_threshold, "mask_threshold": mask_threshold}
+    records = [{**r, **{k: v for k, v in cuts.items() if v is not None}} for r in records]
     results = api.predict(run, records, out, checkpoint=checkpoint)
     path = write_predictions(results, out, output_format)
     for result in results[:20]:

@@ -45,6 +45,10 @@ class ModelConfig(Section):
         default="fp32", description="dtype the frozen base weights are loaded in."
     )
     gradient_checkpointing: bool = False
+    family: Literal["auto", "sam", "sam3"] = Field(
+        default="auto",
+        description="segment: which adapter; auto reads `model_type` from the model's config.",
+    )
     quantization: QuantizationConfig | None = Field(
         default=None,
         description="Load the frozen base in 4 or 8 bits (bitsandbytes, `pip install "

@@ -20,6 +20,7 @@ from visiontune.config.tasks import (
     LossConfig,
     SegmentTaskConfig,
     TaskConfig,
+    names_sam3,
 )
 
 __all__ = [
@@ -360,6 +361,8 @@ class Config(Section):
     def _task_metric(self) -> Config:
         """Unless eval.metric is set, select on the task's own headline metric (segment: giou)."""
         default = getattr(self.task, "default_metric", None)
+        if isinstance(self.task, SegmentTaskConfig) and names_sam3(self.model):
+            default = "map_50"
         if default is not None and "metric" not in self.eval.model_fields_set:
             self.eval.metric = default
         return self

@@ -98,6 +98,85 @@ class MaskFolderOptions(Section):
     ignore_value: int | None = Field(default=None, ge=0, le=65535)
 
 
+SAM3_COMPONENTS = (
+    "vision_encoder",
+    "text_encoder",
+    "text_projection",
+    "geometry_encoder",
+    "detr_encoder",
+    "detr_decoder",
+    "mask_decoder",
+    "dot_product_scoring",
+)
+Sam3Component = Literal[
+    "vision_encoder",
+    "text_encoder",
+    "text_projection",
+    "geometry_encoder",
+    "detr_encoder",
+    "detr_decoder",
+    "mask_decoder",
+    "dot_product_scoring",
+]
+
+
+def names_sam3(model: ModelConfig) -> bool:
+    """Whether the config itself says SAM 3 (family, inline model_type, or a hub id like
+    facebook/sam3), for defaults decided before any model config is read."""
+    if model.family != "auto":
+        return model.family == "sam3"
+    if model.config is not None:
+        return str(model.config.get("model_type")) in ("sam3", "sam3_video")
+    return Path(str(model.name_or_path)).name.lower().startswith("sam3")
+
+
+class Sam3LossConfig(Section):
+    """DETR-style set-prediction loss weights (SAM 3 / DETR defaults); every term is logged."""
+
+    class_weight: float = Field(default=2.0, ge=0, description="Sigmoid focal on all queries.")
+    box_l1_weight: float = Field(default=5.0, ge=0, description="Matched queries.")
+    giou_weight: float = Field(default=2.0, ge=0, description="Matched queries.")
+    mask_focal_weight: float = Field(default=5.0, ge=0, description="Matched queries.")
+    dice_weight: float = Field(default=5.0, ge=0, description="Matched queries.")
+    presence_weight: float = Field(default=1.0, ge=0, description="BCE: any instance at all?")
+    semantic_weight: float = Field(default=1.0, ge=0, description="Union mask, BCE + Dice.")
+    match_class: float = Field(default=2.0, ge=0, description="Matching cost weights.")
+    match_box_l1: float = Field(default=5.0, ge=0)
+    match_giou: float = Field(default=2.0, ge=0)
+    match_mask: float = Field(default=0.0, ge=0, description="Dice cost; 0 = boxes only.")
+    focal_alpha: float = Field(default=0.25, gt=0, lt=1)
+    focal_gamma: float = Field(default=2.0, ge=0)
+
+
+class Sam3Options(Section):
+    """SAM 3 (text concept -> every instance): LoRA per component and the set loss."""
+
+    lora_on: list[Sam3Component] = Field(
+        default_factory=lambda: ["detr_encoder", "detr_decoder", "mask_decoder", "text_projection"],
+        description="Components that get the top-level `lora` adapters; add vision_encoder "
+        "for the full setup (its embeddings can then no longer be cached).",
+    )
+    targets: dict[Sam3Component, str | list[str]] = Field(
+        default_factory=dict,
+        description="Per-component lora.targets (preset, names or 're:'); default lora.targets.",
+    )
+    train_fully: list[Sam3Component] = Field(default_factory=list)
+    tokenizer: str | None = Field(default=None, description="Default: model.name_or_path.")
+    max_text_length: int = Field(default=32, ge=2)
+    too_many_instances: Literal["error", "truncate"] = Field(
+        default="error",
+        description="An image with more instances than the model has queries: an error, or "
+        "its smallest instances dropped with a warning naming the image.",
+    )
+    instances_from: Literal["components", "values"] = Field(
+        default="components",
+        description="Mask folders: each connected component (8-neighbourhood) of the non-zero "
+        "pixels is an instance, or each distinct pixel value.",
+    )
+    score_threshold: float = Field(default=0.5, ge=0, le=1, description="Predict/eval cut-off.")
+    loss: Sam3LossConfig = Sam3LossConfig()
+
+
 class SegmentTaskConfig(Section):
     type: Literal["segment"] = "segment"
     default_metric: ClassVar[str] = "giou"
@@ -107,6 +186,12 @@ class SegmentTaskConfig(Section):
     num_points: int = Field(default=1, ge=1)
     instances: Literal["merge", "per_instance"] = "merge"
     sam: SamOptions = SamOptions()
+    sam3: Sam3Options = Sam3Options()
+    prompts: dict[str, str] = Field(
+        default_factory=dict,
+        description="SAM 3: category -> text prompt (default: the category name). Data "
+        "categories not listed here are an error once any are listed.",
+    )
     text_model: TextModelConfig | None = None
     vision_tower: VisionTowerConfig | None = None
     seg_projector_dim: int | None = Field(
