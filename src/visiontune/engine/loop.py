@@ -29,6 +29,7 @@ from torch.utils.data import Dataset
 from visiontune.config.load import config_hash, dump_yaml, load_config
 from visiontune.config.schema import Config, parse_duration
 from visiontune.engine import checkpoint as ckpt
+from visiontune.engine import distributed
 from visiontune.engine import state as st
 from visiontune.engine.loader import TrainLoader
 from visiontune.engine.optim import build_optimizer, build_scheduler
@@ -69,7 +70,11 @@ class Loop:
             cfg.train.seed,
             cfg.train.overfit_batches,
             lengths=sample_lengths(splits.train) if cfg.train.group_by_length else None,
+            rank=distributed.rank(),
+            world_size=distributed.world_size(),
         )
+        self.main = distributed.is_main()  # rank 0 alone writes into the run directory
+        runner.model = distributed.wrap(runner.adapter)
         self.updates_per_epoch = math.ceil(
             self.order.batches_per_epoch / cfg.train.grad_accum_steps
         )
@@ -85,13 +90,16 @@ class Loop:
         self.early = EarlyStopping(
             cfg.eval.mode, cfg.eval.patience, cfg.eval.min_delta, cfg.train.min_steps
         )
-        self.tracker = build_trackers(cfg, run)
+        self.tracker = build_trackers(cfg, run) if self.main else None
         self._batches: Iterator[Batch] | None = None
         self._loader: TrainLoader | None = None  # built at the first batch, after any resume
         self._step_seconds = 0.0
         self._save_seconds = 0.0
         self._eval_seconds = 0.0
         self._saved_step: int | None = None
+        self._window_skips = 0
+        self._padded: tuple[int, set[int]] = (-1, set())
+        self._last_micro: Batch | None = None  # replayed at zero weight for an empty one
 
     # ---- the story -------------------------------------------------------------------------
 
@@ -162,32 +170,40 @@ class Loop:
         finite = torch.ones((), dtype=torch.bool, device=self.device)
         divisor: torch.Tensor | None = None
         micro_means: list[torch.Tensor] = []  # sampling noise for `visiontune doctor`
-        for micro in window:
-            out = self.task.loss(self.runner.forward(micro), micro)
-            items = torch.as_tensor(out.count, device=self.device, dtype=torch.float32)
-            # One divisor for the whole window keeps gradient magnitudes mean-like (fp16
-            # headroom); the exact window count is applied below, once it is known.
-            if divisor is None:
-                divisor = items.clamp(min=1) * len(window)
-            precision.backward(out.loss_sum / divisor)
-            loss_sum += out.loss_sum.detach().float()
+        for position, (micro, weight) in enumerate(window):
+            # DDP all-reduces gradients only in the backward of the window's last micro-batch
+            with distributed.gradient_sync(self.runner.model, position == len(window) - 1):
+                out = self.task.loss(self.runner.forward(micro), micro)
+                items = torch.as_tensor(out.count, device=self.device, dtype=torch.float32)
+                items = items * weight
+                # One divisor for the whole window (the same on every rank) keeps gradient
+                # magnitudes mean-like (fp16 headroom); the exact count is applied below.
+                if divisor is None:
+                    divisor = self.window_divisor(items, len(window))
+                precision.backward(out.loss_sum * weight / divisor)
+            loss_sum += out.loss_sum.detach().float() * weight
             count += items
             micro_means.append(out.loss_sum.detach().float() / items.clamp(min=1))
             finite &= torch.isfinite(out.loss_sum.detach())
             for name, value in out.parts.items():
-                parts[name] = parts.get(name, 0.0) + value.detach().float()
+                parts[name] = parts.get(name, 0.0) + value.detach().float() * weight
+        samples = sum(len(m) for m, weight in window if weight)
+        count, loss_sum, finite, samples = self.sum_over_ranks(
+            count, loss_sum, finite, samples, parts
+        )
         if not bool(finite):
             raise TrainingError(
                 f"loss is not finite at optimizer step {self.state.step + 1} (epoch "
                 f"{self.state.epoch}), in a window with samples "
-                f"{[i for m in window for i in m.ids][:8]}; try a lower optim.lr, precision "
+                f"{[i for m, _ in window for i in m.ids][:8]}; try a lower optim.lr, precision "
                 "bf16/fp32, or train.detect_anomaly: true"
             )
         precision.unscale(self.optimizer)
         assert divisor is not None
         grads = [p.grad for p in self.params if p.grad is not None]
-        if grads:
-            torch._foreach_mul_(grads, divisor / count.clamp(min=1))
+        if grads:  # DDP averaged over ranks: times world size, over the count of all ranks
+            world = distributed.world_size()
+            torch._foreach_mul_(grads, divisor * world / count.clamp(min=1))
         max_norm = self.cfg.train.max_grad_norm or math.inf
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
         lr = self.optimizer.param_groups[0]["lr"]
@@ -203,7 +219,6 @@ class Loop:
             )  # fmt: skip
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
-        samples = sum(len(m) for m in window)
         self.state.samples_seen += samples
         seconds = time.perf_counter() - started
         self._step_seconds = (
@@ -224,11 +239,46 @@ class Loop:
             "step_time_s": seconds,
             "peak_memory_mb": peak_memory_mb(self.device),
         }
-        self.rundir.append_jsonl(self.rundir.metrics, record)
+        if self.main:
+            self.rundir.append_jsonl(self.rundir.metrics, record)
         if self.tracker:
             scalars = {k: v for k, v in record.items() if k != "micro_losses"}
             self.tracker.log(self.state.step, scalars, "train")
         return record
+
+    def window_divisor(self, items: torch.Tensor, micro_batches: int) -> torch.Tensor:
+        """The first micro-batch's item count times the window length; the ranks' largest."""
+        if not distributed.active():
+            return items.clamp(min=1) * micro_batches
+        largest = distributed.all_max(float(items.clamp(min=1)), self.device)
+        return torch.tensor(largest * micro_batches, device=self.device)
+
+    def sum_over_ranks(
+        self,
+        count: torch.Tensor,
+        loss_sum: torch.Tensor,
+        finite: torch.Tensor,
+        samples: int,
+        parts: dict[str, torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """The window's totals over every rank, in one all-reduce: items (the normaliser),
+        loss sum and loss parts, the finite check, samples and corrupt-sample skips, so every
+        rank steps, logs and counts skips alike. A single process only counts its skips."""
+        skips, self._window_skips = self._window_skips, 0
+        if not distributed.active():
+            self.state.skipped_samples += skips
+            return count, loss_sum, finite, samples
+        names = sorted(parts)
+        values = [count, loss_sum, (~finite).float(), torch.tensor(float(samples)),
+                  torch.tensor(float(skips))]  # fmt: skip
+        totals = distributed.all_sum(
+            torch.stack([v.to(self.device).float() for v in values + [parts[n] for n in names]])
+        )
+        for k, name in enumerate(names):
+            parts[name] = totals[5 + k]
+        self.state.skipped_samples += int(totals[4])
+        self.check_skips(0)
+        return totals[0], totals[1], totals[2] == 0, int(totals[3])
 
     def after_step(self) -> bool:
         """Decide whether to stop, else evaluate and save as due; True ends the loop.
@@ -244,6 +294,7 @@ class Loop:
         margin = 2 * self._step_seconds + self._save_seconds
         reason = self.stop.reason(margin, self._eval_seconds * (int(eval_due) + int(eval_next)))
         reason = reason or over_budget(self.cfg, self.rundir.root, margin)
+        reason = distributed.agree_stop(reason)
         if reason is None:
             if eval_due:
                 self.evaluate()
@@ -268,8 +319,15 @@ class Loop:
 
     # ---- data ------------------------------------------------------------------------------
 
-    def next_window(self) -> list[Batch]:
-        window: list[Batch] = []
+    def next_window(self) -> list[tuple[Batch, float]]:
+        """The window's micro-batches with their loss weights (0 for padding or a replay).
+
+        Under DDP every rank must run every micro-batch of the window (the gradient
+        all-reduce happens in the last one's backward), so an empty one (all its samples
+        corrupt) is replaced by this rank's previous micro-batch at weight 0, and an empty
+        slice of the epoch's short last batch by padding at weight 0.
+        """
+        window: list[tuple[Batch, float]] = []
         while len(window) < self.cfg.train.grad_accum_steps:
             if self.state.batch_in_epoch >= self.order.batches_per_epoch:
                 if window:
@@ -280,11 +338,33 @@ class Loop:
             if self._batches is None:
                 self._batches = self.epoch_batches()
             batch = next(self._batches)
+            weight = 0.0 if self.state.batch_in_epoch in self.padded_positions() else 1.0
             self.state.batch_in_epoch += 1
-            self.count_skipped(batch)
+            if weight:
+                self.count_skipped(batch)
             if len(batch):
-                window.append(augmented(self.task, batch.to(self.device)))
+                self._last_micro = augmented(self.task, batch.to(self.device))
+                window.append((self._last_micro, weight))
+            elif distributed.active():
+                window.append((self.replay(), 0.0))
         return window
+
+    def padded_positions(self) -> set[int]:
+        """Positions of this epoch where this rank's micro-batch is padding (cached)."""
+        if distributed.world_size() == 1:
+            return set()
+        if self._padded[0] != self.state.epoch:
+            self._padded = (self.state.epoch, self.order.padded_batches(self.state.epoch))
+        return self._padded[1]
+
+    def replay(self) -> Batch:
+        if self._last_micro is None:
+            raise TrainingError(
+                f"rank {distributed.rank()}: every sample of its first micro-batch is corrupt, "
+                "so it has nothing to run while the other ranks step; fix or remove those "
+                "files (named above)"
+            )
+        return self._last_micro
 
     def epoch_batches(self) -> Iterator[Batch]:
         """The current epoch's batches from the saved position, read by the run's workers."""
@@ -296,11 +376,16 @@ class Loop:
 
     def count_skipped(self, batch: Batch) -> None:
         for skipped in batch.skipped:
-            self.state.skipped_samples += 1
+            self._window_skips += 1
             log.warning("skipped sample %s: %s", skipped.sample_id, skipped.reason)
-        if self.state.skipped_samples > self.cfg.data.max_bad_samples:
+        if not distributed.active():  # ranks check the agreed count after the window
+            self.check_skips(self._window_skips)
+
+    def check_skips(self, pending: int) -> None:
+        skipped = self.state.skipped_samples + pending
+        if skipped > self.cfg.data.max_bad_samples:
             raise TrainingError(
-                f"{self.state.skipped_samples} samples could not be loaded, more than "
+                f"{skipped} samples could not be loaded, more than "
                 f"data.max_bad_samples={self.cfg.data.max_bad_samples}; see {self.rundir.log}"
             )
 
@@ -333,12 +418,14 @@ class Loop:
             self.state.best_metric, self.state.best_step = value, self.state.step
             self.state.evals_without_improvement = 0
             self.save_best()
-            self.task.save_figures(metrics, self.rundir.figures)
+            if self.main:
+                self.task.save_figures(metrics, self.rundir.figures)
         else:
             self.state.evals_without_improvement += 1
         self.state.last_eval = {"step": self.state.step, **scalars}
-        self.rundir.append_jsonl(self.rundir.evals, {"step": self.state.step, **scalars})
-        save_eval_samples(self.rundir, self.state.step, metrics.tables)  # intervals, later
+        if self.main:
+            self.rundir.append_jsonl(self.rundir.evals, {"step": self.state.step, **scalars})
+            save_eval_samples(self.rundir, self.state.step, metrics.tables)  # intervals, later
         if self.tracker:
             self.tracker.log(self.state.step, scalars, "eval")
         shown = ", ".join(f"{k} {v:.4f}" for k, v in list(scalars.items())[:6])
@@ -354,20 +441,29 @@ class Loop:
         (directory / "config.yaml").write_text(dump_yaml(self.cfg))
 
     def save_best(self) -> None:
+        if not self.main:
+            return
         ckpt.write_atomically(
             self.rundir.best,
             lambda directory: self.write_weights(directory, model_card=True),
             {"step": self.state.step},
         )
 
-    def fingerprint(self) -> dict[str, Any]:
+    def fingerprint(self, world_size: int | None = None) -> dict[str, Any]:
+        """Of the data order as `world_size` ranks see it (default: this run's)."""
         keys = getattr(self.splits.train, "keys", None)
         if keys is None:
             raise TrainingError("the train dataset has no sample keys to fingerprint")
         classes = resolved_config(self.task, self.cfg).data.classes
-        return st.fingerprint(self.runner.adapter, self.order, list(keys), classes)
+        order = self.order if world_size is None else self.order.on(0, world_size)
+        return st.fingerprint(self.runner.adapter, order, list(keys), classes)
 
     def save_checkpoint(self) -> Path:
+        """Rank 0 writes the weights and states (replicated under DDP) with every rank's RNG
+        state, manifest last; the other ranks wait at a barrier until it is complete."""
+        self.state.world_size = distributed.world_size()
+        rngs = distributed.gather(ckpt.rng_state())
+
         def fill(directory: Path) -> None:
             self.write_weights(directory, model_card=False)
             ckpt.save_torch(self.optimizer.state_dict(), directory / "optimizer.pt")
@@ -375,20 +471,23 @@ class Loop:
             scaler = self.runner.precision.scaler
             if scaler is not None:
                 ckpt.save_torch(scaler.state_dict(), directory / "scaler.pt")
-            ckpt.save_torch(ckpt.rng_state(), directory / "rng.pt")
+            for rank, rng in enumerate(rngs):
+                ckpt.save_torch(rng, directory / distributed_rng_file(rank))
             (directory / "train_state.json").write_text(json.dumps(asdict(self.state), indent=2))
             (directory / st.FINGERPRINT).write_text(json.dumps(self.fingerprint(), indent=2))
 
         started = time.monotonic()
         meta = {"step": self.state.step, "config_hash": config_hash(self.cfg)}
         path = self.rundir.checkpoints / f"{ckpt.STEP_PREFIX}{self.state.step:08d}"
-        ckpt.write_atomically(path, fill, meta)
-        keep = (
-            {self.state.best_step}
-            if self.cfg.checkpoint.keep_best and self.state.best_step
-            else set()
-        )
-        ckpt.prune(self.rundir.checkpoints, self.cfg.checkpoint.keep_last, keep)
+        if self.main:
+            ckpt.write_atomically(path, fill, meta)
+            keep = (
+                {self.state.best_step}
+                if self.cfg.checkpoint.keep_best and self.state.best_step
+                else set()
+            )
+            ckpt.prune(self.rundir.checkpoints, self.cfg.checkpoint.keep_last, keep)
+        distributed.barrier("waiting for rank 0 to finish the checkpoint")
         self._saved_step = self.state.step
         self._save_seconds = time.monotonic() - started
         log.info("saved checkpoint %s (%.1fs)", path, self._save_seconds)
@@ -398,7 +497,8 @@ class Loop:
         """Restore weights, optimizer, scheduler, scaler, RNG and the train state; apply the
         config's optimizer settings; drop log records of the lost steps after the checkpoint."""
         before = load_config(directory / "config.yaml")
-        st.check_resumable(directory, self.fingerprint(), before, self.cfg)
+        saved = TrainState(**json.loads((directory / "train_state.json").read_text()))
+        st.check_resumable(directory, self.fingerprint(saved.world_size), before, self.cfg)
         st.load_weights(self.runner.adapter, directory)
         self.optimizer.load_state_dict(ckpt.load_torch(directory / "optimizer.pt"))
         self.scheduler.load_state_dict(ckpt.load_torch(directory / "scheduler.pt"))
@@ -408,13 +508,24 @@ class Loop:
         scaler = self.runner.precision.scaler
         if scaler is not None and (directory / "scaler.pt").is_file():
             scaler.load_state_dict(ckpt.load_torch(directory / "scaler.pt"))
-        ckpt.set_rng_state(ckpt.load_torch(directory / "rng.pt"))
-        saved = TrainState(**json.loads((directory / "train_state.json").read_text()))
+        rng = directory / distributed_rng_file(distributed.rank())
+        if rng.is_file():
+            ckpt.set_rng_state(ckpt.load_torch(rng))
+        else:
+            log.warning("%s has no RNG state for rank %d: it starts a fresh stream",
+                        directory, distributed.rank())  # fmt: skip
         saved.stop_reason = None
+        saved.batch_in_epoch = distributed.resume_position(saved, before, self.cfg, self.order)
         self.state = saved
         self._saved_step = saved.step
-        st.reconcile_best(self.rundir, self.state)
+        if self.main:
+            st.reconcile_best(self.rundir, self.state)
         log.info(
             "resumed from %s: step %d, epoch %d, micro-batch %d of the epoch",
             directory, saved.step, saved.epoch, saved.batch_in_epoch,
         )  # fmt: skip
+
+
+def distributed_rng_file(rank: int) -> str:
+    """rng.pt for rank 0 (as a single process writes it), rng-rank-N.pt for the others."""
+    return "rng.pt" if rank == 0 else f"rng-rank-{rank}.pt"
