@@ -89,7 +89,7 @@ def train(
     result = api.train(cfg, resume=resume, overwrite=overwrite, allow_duplicate=allow_duplicate)
     summary = result.summary
     if not summary:  # a rank other than 0: rank 0 reports
-        raise typer.Exit(result.exit_code)
+        raise typer.Exit(launch.rank_exit_code(result.exit_code))
     typer.echo(f"status: {summary['status']} after {summary['steps']} steps")
     best = summary["best"]
     if best["value"] is not None:
@@ -97,7 +97,7 @@ def train(
     if summary["accepted"] is not None:
         typer.echo(f"acceptance: {'PASS' if summary['accepted'] else 'FAIL'}")
     typer.echo(f"run directory: {summary['run_dir']}")
-    raise typer.Exit(result.exit_code)
+    raise typer.Exit(launch.rank_exit_code(result.exit_code))
 
 
 @config_app.command("show")

@@ -18,6 +18,7 @@ a no-op in a plain single process, so the loop reads the same either way:
 from __future__ import annotations
 
 import datetime
+import inspect
 import logging
 import os
 from collections.abc import Iterator
@@ -149,8 +150,14 @@ def wrap(adapter: nn.Module) -> nn.Module:
     if not active():
         return adapter
     device_ids = [torch.cuda.current_device()] if torch.cuda.is_available() else None
+    parameters = inspect.signature(DistributedDataParallel).parameters
+    no_buffer_sync = (
+        {"forward_sync_buffers": False}  # torch >= 2.13; the buffers still sync at init
+        if "forward_sync_buffers" in parameters
+        else {"broadcast_buffers": False}
+    )
     return DistributedDataParallel(
-        adapter, device_ids=device_ids, find_unused_parameters=True, broadcast_buffers=False
+        adapter, device_ids=device_ids, find_unused_parameters=True, **no_buffer_sync
     )
 
 
