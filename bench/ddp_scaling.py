@@ -39,8 +39,10 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"]
 
 def build() -> torch.nn.Module:
     torch.manual_seed(0)
-    config = ViTConfig(hidden_size=192, num_hidden_layers=6, num_attention_heads=3,
-                       intermediate_size=768, image_size=224, patch_size=16, num_labels=5)  # fmt: skip
+    config = ViTConfig(
+        hidden_size=192, num_hidden_layers=6, num_attention_heads=3, intermediate_size=768,
+        image_size=224, patch_size=16, num_labels=5,
+    )  # fmt: skip
     lora = LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, modules_to_save=["classifier"])
     return get_peft_model(ViTForImageClassification(config), lora)
 
