@@ -172,11 +172,6 @@ class TrainConfig(Section):
         "global_batch_size / (micro_batch_size x world size). Unset: grad_accum_steps is held "
         "fixed and the global batch grows with the world size.",
     )
-    strategy: Literal["ddp", "fsdp"] = Field(
-        default="ddp",
-        description="How ranks launched by torchrun share the work: ddp replicates the model; "
-        "fsdp shards it per transformer block (torch.distributed.fsdp.fully_shard).",
-    )
     max_steps: int | None = Field(default=None, ge=1, description="Optimizer steps.")
     epochs: float | None = Field(default=None, gt=0, description="May be fractional.")
     min_steps: int = Field(default=0, ge=0, description="No early stop before this step.")

@@ -23,6 +23,7 @@ import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -177,13 +178,51 @@ def all_sum(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
-def all_max(value: float, device: torch.device) -> float:
+def window_divisor(items: torch.Tensor, micro_batches: int) -> torch.Tensor:
+    """The loss divisor of a window: its first micro-batch's item count times its length, the
+    largest over ranks (one divisor for all, or DDP's average could not be undone)."""
     if not active():
-        return value
-    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+        return items.clamp(min=1) * micro_batches
+    largest = items.detach().clamp(min=1).reshape(1).double()
     with collective("agreeing on the window's loss scale"):
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return float(tensor)
+        dist.all_reduce(largest, op=dist.ReduceOp.MAX)
+    return (largest[0] * micro_batches).to(items.dtype)
+
+
+@dataclass
+class WindowTotals:
+    count: torch.Tensor
+    loss_sum: torch.Tensor
+    finite: torch.Tensor
+    samples: int
+    skips: int
+
+
+def window_totals(
+    count: torch.Tensor,
+    loss_sum: torch.Tensor,
+    finite: torch.Tensor,
+    samples: int,
+    skips: int,
+    parts: dict[str, torch.Tensor],
+) -> WindowTotals:
+    """A window's totals over every rank in one all-reduce; `parts` are summed in place."""
+    if not active():
+        return WindowTotals(count, loss_sum, finite, samples, skips)
+    names = sorted(parts)
+    device = count.device
+    scalars = [count, loss_sum, (~finite).float(), torch.tensor(float(samples)),
+               torch.tensor(float(skips))]  # fmt: skip
+    values = [v.to(device).float() for v in scalars + [parts[n] for n in names]]
+    totals = all_sum(torch.stack(values))
+    for k, name in enumerate(names):
+        parts[name] = totals[len(scalars) + k]
+    return WindowTotals(totals[0], totals[1], totals[2] == 0, int(totals[3]), int(totals[4]))
+
+
+def rng_file(rank: int) -> str:
+    """rng.pt for rank 0 (as a single process writes it), rng-rank-N.pt for the others."""
+    return "rng.pt" if rank == 0 else f"rng-rank-{rank}.pt"
 
 
 def agree_stop(reason: str | None) -> str | None:

@@ -35,6 +35,7 @@ from visiontune.engine.loader import TrainLoader
 from visiontune.engine.optim import build_optimizer, build_scheduler
 from visiontune.engine.order import DataOrder, sample_lengths, train_indices
 from visiontune.engine.plan.forecast import TrainForecast
+from visiontune.engine.rank_window import RankWindow
 from visiontune.engine.runner import Runner, peak_memory_mb
 from visiontune.engine.state import TrainState
 from visiontune.engine.stop import EarlyStopping, StopRequest
@@ -98,8 +99,7 @@ class Loop:
         self._eval_seconds = 0.0
         self._saved_step: int | None = None
         self._window_skips = 0
-        self._padded: tuple[int, set[int]] = (-1, set())
-        self._last_micro: Batch | None = None  # replayed at zero weight for an empty one
+        self.ranks = RankWindow(self.order)
 
     # ---- the story -------------------------------------------------------------------------
 
@@ -179,7 +179,7 @@ class Loop:
                 # One divisor for the whole window (the same on every rank) keeps gradient
                 # magnitudes mean-like (fp16 headroom); the exact count is applied below.
                 if divisor is None:
-                    divisor = self.window_divisor(items, len(window))
+                    divisor = distributed.window_divisor(items, len(window))
                 precision.backward(out.loss_sum * weight / divisor)
             loss_sum += out.loss_sum.detach().float() * weight
             count += items
@@ -187,10 +187,15 @@ class Loop:
             finite &= torch.isfinite(out.loss_sum.detach())
             for name, value in out.parts.items():
                 parts[name] = parts.get(name, 0.0) + value.detach().float() * weight
+        # summed over ranks: every rank steps, logs and stops on corrupt samples alike
         samples = sum(len(m) for m, weight in window if weight)
-        count, loss_sum, finite, samples = self.sum_over_ranks(
-            count, loss_sum, finite, samples, parts
-        )
+        skips, self._window_skips = self._window_skips, 0
+        totals = distributed.window_totals(count, loss_sum, finite, samples, skips, parts)
+        count, loss_sum, finite, samples = (
+            totals.count, totals.loss_sum, totals.finite, totals.samples
+        )  # fmt: skip
+        self.state.skipped_samples += totals.skips
+        self.check_skips(0)
         if not bool(finite):
             raise TrainingError(
                 f"loss is not finite at optimizer step {self.state.step + 1} (epoch "
@@ -246,40 +251,6 @@ class Loop:
             self.tracker.log(self.state.step, scalars, "train")
         return record
 
-    def window_divisor(self, items: torch.Tensor, micro_batches: int) -> torch.Tensor:
-        """The first micro-batch's item count times the window length; the ranks' largest."""
-        if not distributed.active():
-            return items.clamp(min=1) * micro_batches
-        largest = distributed.all_max(float(items.clamp(min=1)), self.device)
-        return torch.tensor(largest * micro_batches, device=self.device)
-
-    def sum_over_ranks(
-        self,
-        count: torch.Tensor,
-        loss_sum: torch.Tensor,
-        finite: torch.Tensor,
-        samples: int,
-        parts: dict[str, torch.Tensor],
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-        """The window's totals over every rank, in one all-reduce: items (the normaliser),
-        loss sum and loss parts, the finite check, samples and corrupt-sample skips, so every
-        rank steps, logs and counts skips alike. A single process only counts its skips."""
-        skips, self._window_skips = self._window_skips, 0
-        if not distributed.active():
-            self.state.skipped_samples += skips
-            return count, loss_sum, finite, samples
-        names = sorted(parts)
-        values = [count, loss_sum, (~finite).float(), torch.tensor(float(samples)),
-                  torch.tensor(float(skips))]  # fmt: skip
-        totals = distributed.all_sum(
-            torch.stack([v.to(self.device).float() for v in values + [parts[n] for n in names]])
-        )
-        for k, name in enumerate(names):
-            parts[name] = totals[5 + k]
-        self.state.skipped_samples += int(totals[4])
-        self.check_skips(0)
-        return totals[0], totals[1], totals[2] == 0, int(totals[3])
-
     def after_step(self) -> bool:
         """Decide whether to stop, else evaluate and save as due; True ends the loop.
 
@@ -320,13 +291,7 @@ class Loop:
     # ---- data ------------------------------------------------------------------------------
 
     def next_window(self) -> list[tuple[Batch, float]]:
-        """The window's micro-batches with their loss weights (0 for padding or a replay).
-
-        Under DDP every rank must run every micro-batch of the window (the gradient
-        all-reduce happens in the last one's backward), so an empty one (all its samples
-        corrupt) is replaced by this rank's previous micro-batch at weight 0, and an empty
-        slice of the epoch's short last batch by padding at weight 0.
-        """
+        """The window's micro-batches with their loss weights (0: see engine/rank_window.py)."""
         window: list[tuple[Batch, float]] = []
         while len(window) < self.cfg.train.grad_accum_steps:
             if self.state.batch_in_epoch >= self.order.batches_per_epoch:
@@ -338,33 +303,16 @@ class Loop:
             if self._batches is None:
                 self._batches = self.epoch_batches()
             batch = next(self._batches)
-            weight = 0.0 if self.state.batch_in_epoch in self.padded_positions() else 1.0
+            weight = self.ranks.weight(self.state.epoch, self.state.batch_in_epoch)
             self.state.batch_in_epoch += 1
             if weight:
                 self.count_skipped(batch)
             if len(batch):
-                self._last_micro = augmented(self.task, batch.to(self.device))
-                window.append((self._last_micro, weight))
+                micro = self.ranks.keep(augmented(self.task, batch.to(self.device)))
+                window.append((micro, weight))
             elif distributed.active():
-                window.append((self.replay(), 0.0))
+                window.append((self.ranks.replay(), 0.0))
         return window
-
-    def padded_positions(self) -> set[int]:
-        """Positions of this epoch where this rank's micro-batch is padding (cached)."""
-        if distributed.world_size() == 1:
-            return set()
-        if self._padded[0] != self.state.epoch:
-            self._padded = (self.state.epoch, self.order.padded_batches(self.state.epoch))
-        return self._padded[1]
-
-    def replay(self) -> Batch:
-        if self._last_micro is None:
-            raise TrainingError(
-                f"rank {distributed.rank()}: every sample of its first micro-batch is corrupt, "
-                "so it has nothing to run while the other ranks step; fix or remove those "
-                "files (named above)"
-            )
-        return self._last_micro
 
     def epoch_batches(self) -> Iterator[Batch]:
         """The current epoch's batches from the saved position, read by the run's workers."""
@@ -472,7 +420,7 @@ class Loop:
             if scaler is not None:
                 ckpt.save_torch(scaler.state_dict(), directory / "scaler.pt")
             for rank, rng in enumerate(rngs):
-                ckpt.save_torch(rng, directory / distributed_rng_file(rank))
+                ckpt.save_torch(rng, directory / distributed.rng_file(rank))
             (directory / "train_state.json").write_text(json.dumps(asdict(self.state), indent=2))
             (directory / st.FINGERPRINT).write_text(json.dumps(self.fingerprint(), indent=2))
 
@@ -508,7 +456,7 @@ class Loop:
         scaler = self.runner.precision.scaler
         if scaler is not None and (directory / "scaler.pt").is_file():
             scaler.load_state_dict(ckpt.load_torch(directory / "scaler.pt"))
-        rng = directory / distributed_rng_file(distributed.rank())
+        rng = directory / distributed.rng_file(distributed.rank())
         if rng.is_file():
             ckpt.set_rng_state(ckpt.load_torch(rng))
         else:
@@ -524,8 +472,3 @@ class Loop:
             "resumed from %s: step %d, epoch %d, micro-batch %d of the epoch",
             directory, saved.step, saved.epoch, saved.batch_in_epoch,
         )  # fmt: skip
-
-
-def distributed_rng_file(rank: int) -> str:
-    """rng.pt for rank 0 (as a single process writes it), rng-rank-N.pt for the others."""
-    return "rng.pt" if rank == 0 else f"rng-rank-{rank}.pt"
