@@ -169,6 +169,8 @@ def test_two_ranks_segment_equal_one_rank(tmp_path: Path) -> None:
 def test_two_ranks_ground_equal_one_rank_with_token_counts_summed_over_ranks(
     tmp_path: Path,
 ) -> None:
+    # a frozen vision tower (task.freeze_vision) with non-reentrant gradient checkpointing:
+    # DDP must neither wait for frozen parameters nor see one marked ready twice
     data = _make_tiny().write_tiny_example(tmp_path / "gui")
 
     def config(out: Path, micro: int) -> Config:
@@ -177,7 +179,7 @@ def test_two_ranks_ground_equal_one_rank_with_token_counts_summed_over_ranks(
             [f"data.train={data / 'train.jsonl'}", f"data.val={data / 'val.jsonl'}",
              f"task.processor={data / 'processor'}", f"output_dir={out}", "data.num_workers=0",
              f"train.micro_batch_size={micro}", "train.global_batch_size=6",
-             "train.max_steps=3", "eval.every_steps=3"],
+             "train.max_steps=3", "eval.every_steps=3", "model.gradient_checkpointing=true"],
         )  # fmt: skip
 
     two = train_two_ranks(config(tmp_path / "two", 3), tmp_path)
