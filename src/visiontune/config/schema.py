@@ -208,6 +208,24 @@ class TrainConfig(Section):
             raise ValueError("set train.max_steps or train.epochs")
         return self
 
+    @model_validator(mode="before")
+    @classmethod
+    def _accumulation(cls, data: Any) -> Any:
+        """With a global batch, the accumulation of one process; engine/distributed.py
+        divides it by the world size of a torchrun launch."""
+        if not isinstance(data, dict) or not isinstance(data.get("global_batch_size"), int):
+            return data
+        total = data["global_batch_size"]
+        micro = data.get("micro_batch_size", cls.model_fields["micro_batch_size"].default)
+        if isinstance(micro, int) and micro > 0 and total > 0:
+            if total % micro:
+                raise ValueError(
+                    f"train.global_batch_size {total} is not divisible by "
+                    f"train.micro_batch_size {micro}"
+                )
+            data = {**data, "grad_accum_steps": total // micro}
+        return data
+
 
 class OptimConfig(Section):
     name: Literal["adamw", "adamw_8bit"] = Field(

@@ -92,7 +92,7 @@ def planned_world_size() -> int:
 
 def global_batch_line(train: TrainConfig, world: int) -> str:
     """What `config show` prints: the product, and which factor a new world size changes."""
-    total = train.micro_batch_size * train.grad_accum_steps * world
+    total = global_batch(train, world)
     held = (
         f"train.global_batch_size={train.global_batch_size} is held fixed: grad_accum_steps "
         "follows the world size"
@@ -104,6 +104,10 @@ def global_batch_line(train: TrainConfig, world: int) -> str:
         f"global batch: micro_batch_size {train.micro_batch_size} x grad_accum_steps "
         f"{train.grad_accum_steps} x world size {world} = {total}; {held}"
     )
+
+
+def global_batch(train: TrainConfig, world: int) -> int:
+    return train.global_batch_size or train.micro_batch_size * train.grad_accum_steps * world
 
 
 def resolve_batch(cfg: Config, world: int) -> Config:
@@ -349,8 +353,8 @@ def resume_position(saved: Any, before: Config, now: Config, order: Any) -> int:
     if old_world == new_world:
         return int(saved.batch_in_epoch)
     micro = now.train.micro_batch_size
-    old_global = before.train.micro_batch_size * before.train.grad_accum_steps * old_world
-    new_global = micro * now.train.grad_accum_steps * new_world
+    old_global = global_batch(before.train, old_world)
+    new_global = global_batch(now.train, new_world)
     where = f"cannot resume a checkpoint of {old_world} rank(s) on {new_world}"
     if old_global != new_global:
         raise TrainingError(
