@@ -19,6 +19,7 @@ import torch
 from visiontune.config.load import dump_yaml, load_config
 from visiontune.config.schema import Config, parse_duration
 from visiontune.engine import checkpoint as ckpt
+from visiontune.engine import distributed
 from visiontune.engine import state as st
 from visiontune.engine.loop import Loop
 from visiontune.engine.plan import plan_for_run
@@ -87,15 +88,36 @@ def train(
     """
     started = time.monotonic()
     limit = parse_duration(cfg.train.time_limit) if cfg.train.time_limit else None
-    if not resume:
-        refuse_repeated_settings(cfg, allow_duplicate)
-    refuse_if_spent(cfg)
-    with StopRequest(limit) as stop:
-        run = RunDir.prepare(cfg.run_dir, resume=resume, overwrite=overwrite)
-        try:
-            return train_in(run, cfg, resume, stop, started)
-        finally:
-            run.release()
+    distributed.start()
+    try:
+        cfg = distributed.resolve_batch(cfg, distributed.world_size())
+        if not distributed.is_main():
+            with StopRequest(limit) as stop:
+                return train_follower(cfg, resume, stop)
+        if not resume:
+            refuse_repeated_settings(cfg, allow_duplicate)
+        refuse_if_spent(cfg)
+        with StopRequest(limit) as stop:
+            run = RunDir.prepare(cfg.run_dir, resume=resume, overwrite=overwrite)
+            try:
+                distributed.barrier("waiting for rank 0 to prepare the run directory")
+                return train_in(run, cfg, resume, stop, started)
+            finally:
+                run.release()
+    finally:
+        distributed.stop()
+
+
+def train_follower(cfg: Config, resume: bool, stop: StopRequest) -> TrainResult:
+    """A rank other than 0: the same loop, reading the run directory rank 0 prepared and
+    writing nothing into it (its warnings and errors go to its stderr)."""
+    setup_logging(None)
+    logging.getLogger(LOGGER).setLevel(logging.WARNING)
+    distributed.barrier("waiting for rank 0 to prepare the run directory")
+    run = RunDir(cfg.run_dir)
+    loop = prepare_loop(cfg, run, resume, stop)
+    state = loop.run() if loop is not None else TrainState(stop_reason="time_limit")
+    return TrainResult(run.root, state, {})
 
 
 def train_in(
@@ -166,15 +188,17 @@ def prepare_loop(cfg: Config, run: RunDir, resume: bool, stop: StopRequest) -> L
     seed_everything(cfg.train.seed)
     task = make_task(cfg)
     splits = task.datasets()
-    if stop.requested():
+    if distributed.agree_stop(stop.requested()):
         return None
-    adapter = build_adapter(task, cfg, run, report=True)
-    if stop.requested():
+    adapter = build_adapter(task, cfg, run, report=distributed.is_main())
+    if distributed.agree_stop(stop.requested()):
         return None
-    run.config.write_text(dump_yaml(resolved_config(task, cfg)))
+    if distributed.is_main():
+        run.config.write_text(dump_yaml(resolved_config(task, cfg)))
     loop = Loop(cfg, task, Runner(cfg, adapter), splits, run, stop)
+    distributed.seed_rank_stream(cfg.train.seed)
     start_from(loop, cfg, run, resume)
-    if stop.requested() or stop.reason(0.0):
+    if distributed.agree_stop(stop.requested() or stop.reason(0.0)):
         return None
     return loop
 
@@ -186,11 +210,13 @@ def start_from(loop: Loop, cfg: Config, run: RunDir, resume: bool) -> None:
     SLURM script passes `--resume` to the first job as to every requeued one.
     """
     latest = ckpt.latest_complete(run.checkpoints) if resume else None
+    main = distributed.is_main()
     if latest is not None:
         loop.resume_from(latest)
-        run.truncate_records(loop.state.step)
+        if main:
+            run.truncate_records(loop.state.step)
         return
-    if resume:
+    if resume and main:
         log.warning("--resume: no complete checkpoint in %s; starting from step 0", run.root)
         run.truncate_records(0)
     if cfg.init_from is not None:
@@ -221,7 +247,7 @@ def build_adapter(task: Task, cfg: Config, run: RunDir, report: bool = False) ->
         warning = check_trainable_share(rows, cfg.lora.enabled)
         if warning:
             log.warning(warning)
-    if cfg.model.config is not None:
+    if cfg.model.config is not None and distributed.is_main():  # DDP broadcasts rank 0's
         frozen = {
             n: p.detach().contiguous() for n, p in adapter.named_parameters() if not p.requires_grad
         }

@@ -72,15 +72,25 @@ def train(
     allow_duplicate: Annotated[
         bool, typer.Option(help="Train even if these settings already ran on this data.")
     ] = False,
+    nproc: Annotated[
+        int | None, typer.Option(help="Ranks on this machine: runs torchrun's launcher.")
+    ] = None,
 ) -> None:
     """Train. Exit code 75 means: stopped by a signal or time limit, checkpoint saved, resume."""
     from visiontune import api
     from visiontune.config import load_config
+    from visiontune.engine import distributed, launch
     from visiontune.runs.slurm import requeue_if_asked
 
-    cfg = load_config(config, overrides)
+    cfg = load_config(config, overrides)  # errors before any rank starts
+    if nproc is not None and not distributed.launched():
+        distributed.resolve_batch(cfg, nproc)
+        argv = launch.worker_argv(launch.command_line())
+        raise typer.Exit(launch.run_torchrun(nproc, argv))
     result = api.train(cfg, resume=resume, overwrite=overwrite, allow_duplicate=allow_duplicate)
     summary = result.summary
+    if not summary:  # a rank other than 0: rank 0 reports
+        raise typer.Exit(launch.rank_exit_code(result.exit_code))
     typer.echo(f"status: {summary['status']} after {summary['steps']} steps")
     best = summary["best"]
     if best["value"] is not None:
@@ -89,17 +99,25 @@ def train(
         typer.echo(f"acceptance: {'PASS' if summary['accepted'] else 'FAIL'}")
     typer.echo(f"run directory: {summary['run_dir']}")
     requeue_if_asked(result.exit_code)
-    raise typer.Exit(result.exit_code)
+    raise typer.Exit(launch.rank_exit_code(result.exit_code))
 
 
 @config_app.command("show")
 @friendly
-def config_show(config: Path, overrides: Overrides = None) -> None:
-    """Print the resolved config (defaults filled in, overrides applied)."""
+def config_show(
+    config: Path,
+    overrides: Overrides = None,
+    nproc: Annotated[int | None, typer.Option(help="World size to resolve the batch for.")] = None,
+) -> None:
+    """Print the resolved config (defaults filled in, overrides applied) and its global batch."""
     from visiontune.config import load_config
     from visiontune.config.load import dump_yaml
+    from visiontune.engine import distributed
 
-    typer.echo(dump_yaml(load_config(config, overrides)), nl=False)
+    world = nproc or distributed.planned_world_size()
+    cfg = distributed.resolve_batch(load_config(config, overrides), world)
+    typer.echo(dump_yaml(cfg), nl=False)
+    typer.echo(f"# {distributed.global_batch_line(cfg.train, world)}")
 
 
 @config_app.command("import-llamafactory")

@@ -166,6 +166,13 @@ def parse_duration(text: str) -> float:
 class TrainConfig(Section):
     micro_batch_size: int = Field(default=16, ge=1)
     grad_accum_steps: int = Field(default=1, ge=1)
+    global_batch_size: int | None = Field(
+        default=None,
+        ge=1,
+        description="Held fixed when the world size changes: grad_accum_steps is derived as "
+        "global_batch_size / (micro_batch_size x world size). Unset: grad_accum_steps is held "
+        "fixed and the global batch grows with the world size.",
+    )
     max_steps: int | None = Field(default=None, ge=1, description="Optimizer steps.")
     epochs: float | None = Field(default=None, gt=0, description="May be fractional.")
     min_steps: int = Field(default=0, ge=0, description="No early stop before this step.")
@@ -201,6 +208,24 @@ class TrainConfig(Section):
         if self.max_steps is None and self.epochs is None:
             raise ValueError("set train.max_steps or train.epochs")
         return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _accumulation(cls, data: Any) -> Any:
+        """With a global batch, the accumulation of one process; engine/distributed.py
+        divides it by the world size of a torchrun launch."""
+        if not isinstance(data, dict) or not isinstance(data.get("global_batch_size"), int):
+            return data
+        total = data["global_batch_size"]
+        micro = data.get("micro_batch_size", cls.model_fields["micro_batch_size"].default)
+        if isinstance(micro, int) and micro > 0 and total > 0:
+            if total % micro:
+                raise ValueError(
+                    f"train.global_batch_size {total} is not divisible by "
+                    f"train.micro_batch_size {micro}"
+                )
+            data = {**data, "grad_accum_steps": total // micro}
+        return data
 
 
 class OptimConfig(Section):

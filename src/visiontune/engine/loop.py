@@ -29,11 +29,13 @@ from torch.utils.data import Dataset
 from visiontune.config.load import config_hash, dump_yaml, load_config
 from visiontune.config.schema import Config, parse_duration
 from visiontune.engine import checkpoint as ckpt
+from visiontune.engine import distributed
 from visiontune.engine import state as st
 from visiontune.engine.loader import TrainLoader
 from visiontune.engine.optim import build_optimizer, build_scheduler
 from visiontune.engine.order import DataOrder, sample_lengths, train_indices
 from visiontune.engine.plan.forecast import TrainForecast
+from visiontune.engine.rank_window import RankWindow
 from visiontune.engine.runner import Runner, peak_memory_mb
 from visiontune.engine.state import TrainState
 from visiontune.engine.stop import EarlyStopping, StopRequest
@@ -70,7 +72,11 @@ class Loop:
             cfg.train.seed,
             cfg.train.overfit_batches,
             lengths=sample_lengths(splits.train) if cfg.train.group_by_length else None,
+            rank=distributed.rank(),
+            world_size=distributed.world_size(),
         )
+        self.main = distributed.is_main()  # rank 0 alone writes into the run directory
+        runner.model = distributed.wrap(runner.adapter)
         self.updates_per_epoch = math.ceil(
             self.order.batches_per_epoch / cfg.train.grad_accum_steps
         )
@@ -86,14 +92,16 @@ class Loop:
         self.early = EarlyStopping(
             cfg.eval.mode, cfg.eval.patience, cfg.eval.min_delta, cfg.train.min_steps
         )
-        self.tracker = build_trackers(cfg, run)
-        self.remote = RemoteRun.for_config(cfg)
+        self.tracker = build_trackers(cfg, run) if self.main else None
+        self.remote = RemoteRun.for_config(cfg) if self.main else None
         self._batches: Iterator[Batch] | None = None
         self._loader: TrainLoader | None = None  # built at the first batch, after any resume
         self._step_seconds = 0.0
         self._save_seconds = 0.0
         self._eval_seconds = 0.0
         self._saved_step: int | None = None
+        self._window_skips = 0
+        self.ranks = RankWindow(self.order)
 
     # ---- the story -------------------------------------------------------------------------
 
@@ -164,32 +172,45 @@ class Loop:
         finite = torch.ones((), dtype=torch.bool, device=self.device)
         divisor: torch.Tensor | None = None
         micro_means: list[torch.Tensor] = []  # sampling noise for `visiontune doctor`
-        for micro in window:
-            out = self.task.loss(self.runner.forward(micro), micro)
-            items = torch.as_tensor(out.count, device=self.device, dtype=torch.float32)
-            # One divisor for the whole window keeps gradient magnitudes mean-like (fp16
-            # headroom); the exact window count is applied below, once it is known.
-            if divisor is None:
-                divisor = items.clamp(min=1) * len(window)
-            precision.backward(out.loss_sum / divisor)
-            loss_sum += out.loss_sum.detach().float()
+        for position, (micro, weight) in enumerate(window):
+            # DDP all-reduces gradients only in the backward of the window's last micro-batch
+            with distributed.gradient_sync(self.runner.model, position == len(window) - 1):
+                out = self.task.loss(self.runner.forward(micro), micro)
+                items = torch.as_tensor(out.count, device=self.device, dtype=torch.float32)
+                items = items * weight
+                # One divisor for the whole window (the same on every rank) keeps gradient
+                # magnitudes mean-like (fp16 headroom); the exact count is applied below.
+                if divisor is None:
+                    divisor = distributed.window_divisor(items, len(window))
+                precision.backward(out.loss_sum * weight / divisor)
+            loss_sum += out.loss_sum.detach().float() * weight
             count += items
             micro_means.append(out.loss_sum.detach().float() / items.clamp(min=1))
             finite &= torch.isfinite(out.loss_sum.detach())
             for name, value in out.parts.items():
-                parts[name] = parts.get(name, 0.0) + value.detach().float()
+                parts[name] = parts.get(name, 0.0) + value.detach().float() * weight
+        # summed over ranks: every rank steps, logs and stops on corrupt samples alike
+        samples = sum(len(m) for m, weight in window if weight)
+        skips, self._window_skips = self._window_skips, 0
+        totals = distributed.window_totals(count, loss_sum, finite, samples, skips, parts)
+        count, loss_sum, finite, samples = (
+            totals.count, totals.loss_sum, totals.finite, totals.samples
+        )  # fmt: skip
+        self.state.skipped_samples += totals.skips
+        self.check_skips(0)
         if not bool(finite):
             raise TrainingError(
                 f"loss is not finite at optimizer step {self.state.step + 1} (epoch "
                 f"{self.state.epoch}), in a window with samples "
-                f"{[i for m in window for i in m.ids][:8]}; try a lower optim.lr, precision "
+                f"{[i for m, _ in window for i in m.ids][:8]}; try a lower optim.lr, precision "
                 "bf16/fp32, or train.detect_anomaly: true"
             )
         precision.unscale(self.optimizer)
         assert divisor is not None
         grads = [p.grad for p in self.params if p.grad is not None]
-        if grads:
-            torch._foreach_mul_(grads, divisor / count.clamp(min=1))
+        if grads:  # DDP averaged over ranks: times world size, over the count of all ranks
+            world = distributed.world_size()
+            torch._foreach_mul_(grads, divisor * world / count.clamp(min=1))
         max_norm = self.cfg.train.max_grad_norm or math.inf
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
         lr = self.optimizer.param_groups[0]["lr"]
@@ -205,7 +226,6 @@ class Loop:
             )  # fmt: skip
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
-        samples = sum(len(m) for m in window)
         self.state.samples_seen += samples
         seconds = time.perf_counter() - started
         self._step_seconds = (
@@ -226,7 +246,8 @@ class Loop:
             "step_time_s": seconds,
             "peak_memory_mb": peak_memory_mb(self.device),
         }
-        self.rundir.append_jsonl(self.rundir.metrics, record)
+        if self.main:
+            self.rundir.append_jsonl(self.rundir.metrics, record)
         if self.tracker:
             scalars = {k: v for k, v in record.items() if k != "micro_losses"}
             self.tracker.log(self.state.step, scalars, "train")
@@ -246,6 +267,7 @@ class Loop:
         margin = 2 * self._step_seconds + self._save_seconds
         reason = self.stop.reason(margin, self._eval_seconds * (int(eval_due) + int(eval_next)))
         reason = reason or over_budget(self.cfg, self.rundir.root, margin)
+        reason = distributed.agree_stop(reason)
         if reason is None:
             if eval_due:
                 self.evaluate()
@@ -270,8 +292,9 @@ class Loop:
 
     # ---- data ------------------------------------------------------------------------------
 
-    def next_window(self) -> list[Batch]:
-        window: list[Batch] = []
+    def next_window(self) -> list[tuple[Batch, float]]:
+        """The window's micro-batches with their loss weights (0: see engine/rank_window.py)."""
+        window: list[tuple[Batch, float]] = []
         while len(window) < self.cfg.train.grad_accum_steps:
             if self.state.batch_in_epoch >= self.order.batches_per_epoch:
                 if window:
@@ -282,10 +305,15 @@ class Loop:
             if self._batches is None:
                 self._batches = self.epoch_batches()
             batch = next(self._batches)
+            weight = self.ranks.weight(self.state.epoch, self.state.batch_in_epoch)
             self.state.batch_in_epoch += 1
-            self.count_skipped(batch)
+            if weight:
+                self.count_skipped(batch)
             if len(batch):
-                window.append(augmented(self.task, batch.to(self.device)))
+                micro = self.ranks.keep(augmented(self.task, batch.to(self.device)))
+                window.append((micro, weight))
+            elif distributed.active():
+                window.append((self.ranks.replay(), 0.0))
         return window
 
     def epoch_batches(self) -> Iterator[Batch]:
@@ -298,11 +326,16 @@ class Loop:
 
     def count_skipped(self, batch: Batch) -> None:
         for skipped in batch.skipped:
-            self.state.skipped_samples += 1
+            self._window_skips += 1
             log.warning("skipped sample %s: %s", skipped.sample_id, skipped.reason)
-        if self.state.skipped_samples > self.cfg.data.max_bad_samples:
+        if not distributed.active():  # ranks check the agreed count after the window
+            self.check_skips(self._window_skips)
+
+    def check_skips(self, pending: int) -> None:
+        skipped = self.state.skipped_samples + pending
+        if skipped > self.cfg.data.max_bad_samples:
             raise TrainingError(
-                f"{self.state.skipped_samples} samples could not be loaded, more than "
+                f"{skipped} samples could not be loaded, more than "
                 f"data.max_bad_samples={self.cfg.data.max_bad_samples}; see {self.rundir.log}"
             )
 
@@ -335,12 +368,14 @@ class Loop:
             self.state.best_metric, self.state.best_step = value, self.state.step
             self.state.evals_without_improvement = 0
             self.save_best()
-            self.task.save_figures(metrics, self.rundir.figures)
+            if self.main:
+                self.task.save_figures(metrics, self.rundir.figures)
         else:
             self.state.evals_without_improvement += 1
         self.state.last_eval = {"step": self.state.step, **scalars}
-        self.rundir.append_jsonl(self.rundir.evals, {"step": self.state.step, **scalars})
-        save_eval_samples(self.rundir, self.state.step, metrics.tables)  # intervals, later
+        if self.main:
+            self.rundir.append_jsonl(self.rundir.evals, {"step": self.state.step, **scalars})
+            save_eval_samples(self.rundir, self.state.step, metrics.tables)  # intervals, later
         if self.tracker:
             self.tracker.log(self.state.step, scalars, "eval")
         shown = ", ".join(f"{k} {v:.4f}" for k, v in list(scalars.items())[:6])
@@ -356,6 +391,8 @@ class Loop:
         (directory / "config.yaml").write_text(dump_yaml(self.cfg))
 
     def save_best(self) -> None:
+        if not self.main:
+            return
         ckpt.write_atomically(
             self.rundir.best,
             lambda directory: self.write_weights(directory, model_card=True),
@@ -364,14 +401,21 @@ class Loop:
         if self.remote:
             self.remote.push_best(self.rundir.best)
 
-    def fingerprint(self) -> dict[str, Any]:
+    def fingerprint(self, world_size: int | None = None) -> dict[str, Any]:
+        """Of the data order as `world_size` ranks see it (default: this run's)."""
         keys = getattr(self.splits.train, "keys", None)
         if keys is None:
             raise TrainingError("the train dataset has no sample keys to fingerprint")
         classes = resolved_config(self.task, self.cfg).data.classes
-        return st.fingerprint(self.runner.adapter, self.order, list(keys), classes)
+        order = self.order if world_size is None else self.order.on(0, world_size)
+        return st.fingerprint(self.runner.adapter, order, list(keys), classes)
 
     def save_checkpoint(self) -> Path:
+        """Rank 0 writes the weights and states (replicated under DDP) with every rank's RNG
+        state, manifest last; the other ranks wait at a barrier until it is complete."""
+        self.state.world_size = distributed.world_size()
+        rngs = distributed.gather(ckpt.rng_state())
+
         def fill(directory: Path) -> None:
             self.write_weights(directory, model_card=False)
             ckpt.save_torch(self.optimizer.state_dict(), directory / "optimizer.pt")
@@ -379,22 +423,27 @@ class Loop:
             scaler = self.runner.precision.scaler
             if scaler is not None:
                 ckpt.save_torch(scaler.state_dict(), directory / "scaler.pt")
-            ckpt.save_torch(ckpt.rng_state(), directory / "rng.pt")
+            for rank, rng in enumerate(rngs):
+                ckpt.save_torch(rng, directory / distributed.rng_file(rank))
             (directory / "train_state.json").write_text(json.dumps(asdict(self.state), indent=2))
             (directory / st.FINGERPRINT).write_text(json.dumps(self.fingerprint(), indent=2))
 
         started = time.monotonic()
         meta = {"step": self.state.step, "config_hash": config_hash(self.cfg)}
         path = self.rundir.checkpoints / f"{ckpt.STEP_PREFIX}{self.state.step:08d}"
-        ckpt.write_atomically(path, fill, meta)
-        keep = (
-            {self.state.best_step}
-            if self.cfg.checkpoint.keep_best and self.state.best_step
-            else set()
-        )
-        ckpt.prune(self.rundir.checkpoints, self.cfg.checkpoint.keep_last, keep)
-        if self.remote:
-            self.remote.push_checkpoint(path, self.rundir, self.cfg.checkpoint.keep_last, keep)
+        if self.main:
+            ckpt.write_atomically(path, fill, meta)
+            keep = (
+                {self.state.best_step}
+                if self.cfg.checkpoint.keep_best and self.state.best_step
+                else set()
+            )
+            ckpt.prune(self.rundir.checkpoints, self.cfg.checkpoint.keep_last, keep)
+            if self.remote:
+                self.remote.push_checkpoint(
+                    path, self.rundir, self.cfg.checkpoint.keep_last, keep
+                )
+        distributed.barrier("waiting for rank 0 to finish the checkpoint")
         self._saved_step = self.state.step
         self._save_seconds = time.monotonic() - started
         log.info("saved checkpoint %s (%.1fs)", path, self._save_seconds)
@@ -404,7 +453,8 @@ class Loop:
         """Restore weights, optimizer, scheduler, scaler, RNG and the train state; apply the
         config's optimizer settings; drop log records of the lost steps after the checkpoint."""
         before = load_config(directory / "config.yaml")
-        st.check_resumable(directory, self.fingerprint(), before, self.cfg)
+        saved = TrainState(**json.loads((directory / "train_state.json").read_text()))
+        st.check_resumable(directory, self.fingerprint(saved.world_size), before, self.cfg)
         st.load_weights(self.runner.adapter, directory)
         self.optimizer.load_state_dict(ckpt.load_torch(directory / "optimizer.pt"))
         self.scheduler.load_state_dict(ckpt.load_torch(directory / "scheduler.pt"))
@@ -414,12 +464,18 @@ class Loop:
         scaler = self.runner.precision.scaler
         if scaler is not None and (directory / "scaler.pt").is_file():
             scaler.load_state_dict(ckpt.load_torch(directory / "scaler.pt"))
-        ckpt.set_rng_state(ckpt.load_torch(directory / "rng.pt"))
-        saved = TrainState(**json.loads((directory / "train_state.json").read_text()))
+        rng = directory / distributed.rng_file(distributed.rank())
+        if rng.is_file():
+            ckpt.set_rng_state(ckpt.load_torch(rng))
+        else:
+            log.warning("%s has no RNG state for rank %d: it starts a fresh stream",
+                        directory, distributed.rank())  # fmt: skip
         saved.stop_reason = None
+        saved.batch_in_epoch = distributed.resume_position(saved, before, self.cfg, self.order)
         self.state = saved
         self._saved_step = saved.step
-        st.reconcile_best(self.rundir, self.state)
+        if self.main:
+            st.reconcile_best(self.rundir, self.state)
         log.info(
             "resumed from %s: step %d, epoch %d, micro-batch %d of the epoch",
             directory, saved.step, saved.epoch, saved.batch_in_epoch,

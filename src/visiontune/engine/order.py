@@ -25,6 +25,8 @@ class DataOrder:
         seed: int,
         limit_batches: int = 0,
         lengths: list[int] | None = None,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         self.indices = indices
         self.lengths = lengths
@@ -32,14 +34,17 @@ class DataOrder:
         self.micro_batch_size = micro_batch_size
         self.seed = seed
         self.limit_batches = limit_batches
+        self.rank, self.world_size = rank, world_size
 
     @property
     def batches_per_epoch(self) -> int:
-        full = math.ceil(self.num_samples / self.micro_batch_size)
+        """Micro-batches per epoch, on every rank alike (one global batch each)."""
+        full = math.ceil(self.num_samples / (self.micro_batch_size * self.world_size))
         return min(full, self.limit_batches) if self.limit_batches else full
 
-    def epoch_batches(self, epoch: int, start: int = 0) -> Iterator[list[int]]:
-        """Index lists of `epoch` from micro-batch `start` on; one may be short (the last, or
+    def global_batches(self, epoch: int) -> list[list[int]]:
+        """The epoch's batches of micro_batch_size x world_size indices, the same on every rank
+        and, for world size 1, the micro-batches themselves. One may be short (the last, or
         with length grouping one of the last span's).
 
         With `limit_batches` (overfit mode) every epoch repeats the same first batches, which
@@ -48,12 +53,34 @@ class DataOrder:
         order_epoch = 0 if self.limit_batches else epoch
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + order_epoch)
         perm = [self.indices[i] for i in torch.randperm(self.num_samples, generator=generator)]
-        size = self.micro_batch_size
+        size = self.micro_batch_size * self.world_size
         if self.lengths is None:
             batches = [perm[b : b + size] for b in range(0, len(perm), size)]
         else:
             batches = group_by_length(perm, self.lengths, size, generator)
-        yield from batches[start : self.batches_per_epoch]
+        return batches[: self.batches_per_epoch]
+
+    def epoch_batches(self, epoch: int, start: int = 0) -> Iterator[list[int]]:
+        """This rank's index lists of `epoch` from micro-batch `start` on: its slice of each
+        global batch, so the ranks together see what one process at micro_batch_size x
+        world_size sees. A rank whose slice of a short batch is empty gets the batch's first
+        index as padding (see `padded_batches`), so every rank runs every micro-batch."""
+        size = self.micro_batch_size
+        for batch in self.global_batches(epoch)[start:]:
+            own = batch[self.rank * size : (self.rank + 1) * size]
+            yield own or batch[:1]
+
+    def padded_batches(self, epoch: int) -> set[int]:
+        """Positions in `epoch` where this rank's micro-batch is padding (zero weight)."""
+        begin = self.rank * self.micro_batch_size
+        return {k for k, batch in enumerate(self.global_batches(epoch)) if len(batch) <= begin}
+
+    def on(self, rank: int, world_size: int) -> DataOrder:
+        """The same order sharded over another world (resume on a different world size)."""
+        return DataOrder(
+            self.indices, self.micro_batch_size, self.seed, self.limit_batches, self.lengths,
+            rank, world_size,
+        )  # fmt: skip
 
 
 def group_by_length(

@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from visiontune.config.schema import Config
+from visiontune.engine import distributed
 from visiontune.engine.loader import eval_loader
 from visiontune.engine.precision import Precision, resolve_device
 from visiontune.task import Batch, Metrics, ModelAdapter, Outputs, Task
@@ -91,6 +92,7 @@ class Runner:
         global RNG, and the evaluation cadence would change the training trajectory.
         """
         batch_size = self.cfg.eval.batch_size or self.cfg.train.micro_batch_size
+        dataset = distributed.shard(dataset)  # this rank's slice; the meters are gathered
         loader = eval_loader(dataset, batch_size, task.collate, self.cfg.data, self.device)
         was_training = self.model.training
         self.model.eval()
@@ -99,7 +101,7 @@ class Runner:
             for batch in loader:
                 outputs = self.infer(task, batch) if len(batch) else {}
                 meter.update(outputs, batch)
-            return meter.compute()
+            return distributed.gather_meter(meter).compute()
         finally:
             if was_training:
                 self.train_mode()

@@ -54,6 +54,7 @@ class TrainState:
     best_step: int | None = None
     evals_without_improvement: int = 0
     stop_reason: str | None = None
+    world_size: int = 1
     last_eval: dict[str, float] = field(default_factory=dict)
     acceptance: dict[str, Any] = field(default_factory=dict)
 
@@ -177,7 +178,7 @@ def fingerprint(
 ) -> dict[str, Any]:
     """Hashes of the first epoch's train order (as sample keys, with the class list that gives
     the labels their meaning) and of the checkpoint's tensor layout."""
-    batches = [classes, [[keys[i] for i in batch] for batch in order.epoch_batches(0)]]
+    batches = [classes, [[keys[i] for i in batch] for batch in order.global_batches(0)]]
     layout = sorted((n, list(t.shape)) for n, t in checkpoint_tensors(model).items())
     return {"data": _sha(batches), "samples": len(order.indices), "model": _sha(layout)}
 

@@ -17,6 +17,7 @@ Every metric here is a ratio of pixel counts, so it lies in [0, 1] by constructi
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -113,6 +114,9 @@ class SegmentationMeter:
     Masks are scored one by one (at their own resolution) because gIoU is a mean over masks:
     accumulating pixel counts alone could only give cIoU.
     """
+
+    gathered: ClassVar[tuple[str, ...]] = ("scores", "mask_ids")
+    """What evaluation gathers across ranks before computing (engine/distributed.py)."""
 
     tolerance: int = 2
     scores: list[MaskScore] = field(default_factory=list)

@@ -207,6 +207,9 @@ class ClassifyMeter:
     cross-entropy), which lets the ledger put a bootstrap interval on every metric and compare
     two runs on the same images."""
 
+    gathered = ("probs", "targets", "ids", "skipped", "loss_sum")
+    """What evaluation gathers across ranks before computing (engine/distributed.py)."""
+
     def __init__(self, task: ClassifyTask, classes: list[str], referable: int | None) -> None:
         self.task, self.classes, self.referable = task, classes, referable
         self.probs: list[torch.Tensor] = []

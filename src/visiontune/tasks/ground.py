@@ -368,6 +368,9 @@ class GroundTask:
 class GroundMeter:
     """Answer-token loss and click outcomes over the split (unparseable answers included)."""
 
+    gathered = ("loss_sum", "count", "skipped", "outside_grid", "outcomes", "answers")
+    """What evaluation gathers across ranks before computing (engine/distributed.py)."""
+
     def __init__(self, task: GroundTask) -> None:
         self.task = task
         self.loss_sum, self.count, self.skipped, self.outside_grid = 0.0, 0, 0, 0

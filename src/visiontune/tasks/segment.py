@@ -274,6 +274,9 @@ class SegmentTask:
 class SegmentMeter:
     """gIoU/cIoU over the split at each mask's original resolution, plus example pictures."""
 
+    gathered = ("scores", "skipped")
+    """What evaluation gathers across ranks before computing (engine/distributed.py)."""
+
     def __init__(self, task: SegmentTask) -> None:
         self.task = task
         self.scores = SegmentationMeter(task.opts.boundary_tolerance)
