@@ -440,9 +440,7 @@ class Loop:
             )
             ckpt.prune(self.rundir.checkpoints, self.cfg.checkpoint.keep_last, keep)
             if self.remote:
-                self.remote.push_checkpoint(
-                    path, self.rundir, self.cfg.checkpoint.keep_last, keep
-                )
+                self.remote.push_checkpoint(path, self.rundir, self.cfg.checkpoint.keep_last, keep)
         distributed.barrier("waiting for rank 0 to finish the checkpoint")
         self._saved_step = self.state.step
         self._save_seconds = time.monotonic() - started
