@@ -20,10 +20,12 @@ from visiontune.config.tasks import (
     LossConfig,
     SegmentTaskConfig,
     TaskConfig,
+    TranslateTaskConfig,
 )
 
 __all__ = [
     "ClassifyTaskConfig",
+    "TranslateTaskConfig",
     "Config",
     "GroundTaskConfig",
     "LoraConfig",
@@ -75,11 +77,13 @@ class DataConfig(Section):
         "mask_folder",
         "conversations",
         "grounding",
+        "paired",
     ] = Field(
         default="imagefolder",
         description="imagefolder/csv: classification; labelme (= reasonseg), coco, mask_folder: "
         "segmentation; conversations (LLaMA-Factory multimodal JSON/JSONL), grounding (image, "
-        "instruction, bbox or point, type): ground.",
+        "instruction, bbox or point, type): ground; paired (source/target folders, same file "
+        "names): translate.",
     )
     train: Path
     val: Path | None = None
