@@ -80,9 +80,12 @@ def select_bands(raster: Raster, side: BandsConfig, key: str, path: Path) -> np.
     bad = [b for b in side.bands if not 0 <= b < raster.bands]
     if bad:
         raise DataError(
-            located(path, f"{key}.bands {bad} out of range: the file has {raster.bands} band(s) "
-                    f"(0..{raster.bands - 1})")
-        )  # fmt: skip
+            located(
+                path,
+                f"{key}.bands {bad} out of range: the file has {raster.bands} band(s) "
+                f"(0..{raster.bands - 1})",
+            )
+        )
     return raster.pixels[side.bands]
 
 
@@ -140,7 +143,7 @@ def read_split(
         pairs.append((name, side_arrays[0], side_arrays[1], invalid, src_raster))
     if problems:
         raise DataError.listing(problems, str(split))
-    return pairs  # fmt: skip
+    return pairs
 
 
 def band_stats(

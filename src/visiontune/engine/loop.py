@@ -177,9 +177,11 @@ class Loop:
             for name, value in out.parts.items():
                 parts[name] = parts.get(name, 0.0) + value.detach().float()
         if not bool(finite):
+            terms = [name for name, value in parts.items() if not bool(torch.isfinite(value))]
             raise TrainingError(
                 f"loss is not finite at optimizer step {self.state.step + 1} (epoch "
-                f"{self.state.epoch}), in a window with samples "
+                f"{self.state.epoch}{', terms ' + ', '.join(terms) if terms else ''}), in a "
+                "window with samples "
                 f"{[i for m in window for i in m.ids][:8]}; try a lower optim.lr, precision "
                 "bf16/fp32, or train.detect_anomaly: true"
             )

@@ -39,9 +39,11 @@ def build_user_model(cfg: Config) -> nn.Module:
         raise ConfigError([f"model.builder_args: {cfg.model.builder}: {err}"]) from None
     if not isinstance(model, nn.Module):
         raise ConfigError(
-            [f"model.builder: {cfg.model.builder} returned a {type(model).__name__}, "
-             "not a torch.nn.Module"]
-        )  # fmt: skip
+            [
+                f"model.builder: {cfg.model.builder} returned a {type(model).__name__}, "
+                "not a torch.nn.Module"
+            ]
+        )
     return model
 
 
@@ -67,9 +69,11 @@ class CustomAdapter(ModelAdapter):
         if unknown:
             tops = [name for name, _ in model.named_children()]
             raise ConfigError(
-                [f"lora.modules_to_save: {unknown} not modules of this model; its top-level "
-                 f"modules are {tops}"]
-            )  # fmt: skip
+                [
+                    f"lora.modules_to_save: {unknown} not modules of this model; its top-level "
+                    f"modules are {tops}"
+                ]
+            )
         targets = resolve_targets(model, lora.targets, exclude=tuple(to_save))
         log.info("LoRA on %d module(s): %s", len(targets), ", ".join(targets[:6]))
         return wrap_lora(model, lora, targets, to_save)
@@ -83,8 +87,10 @@ class CustomAdapter(ModelAdapter):
         if isinstance(out, torch.Tensor):
             return {"prediction": out.float()}
         if isinstance(out, dict):
-            return {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v
-                    for k, v in out.items()}  # fmt: skip
+            return {
+                k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v
+                for k, v in out.items()
+            }
         raise TypeError(
             f"the model's forward returned a {type(out).__name__}; return a tensor or a dict "
             "of tensors"
@@ -102,6 +108,8 @@ def enable_user_checkpointing(model: nn.Module, builder: str) -> None:
             method()
             return
     raise ConfigError(
-        [f"model.gradient_checkpointing: the model {builder} builds ({type(model).__name__}) "
-         f"has no {' or '.join(_CHECKPOINTING_HOOKS)} method"]
-    )  # fmt: skip
+        [
+            f"model.gradient_checkpointing: the model {builder} builds ({type(model).__name__}) "
+            f"has no {' or '.join(_CHECKPOINTING_HOOKS)} method"
+        ]
+    )
