@@ -52,13 +52,13 @@ def user_term(fn: Callable[..., torch.Tensor], args: dict[str, Any]) -> TermFn:
 
 def build_terms(configs: list[LossTermConfig]) -> list[LossTerm]:
     """Resolve every term up front, so a bad name or import fails before step 1."""
-    from visiontune.image_losses import IMAGE_LOSSES
-
     terms: list[LossTerm] = []
     problems: list[str] = []
     for i, spec in enumerate(configs):
         key = f"task.losses[{i}]"
         if spec.name is not None:
+            from visiontune.image_losses import IMAGE_LOSSES
+
             if spec.name not in IMAGE_LOSSES:
                 hint = " (pip install 'visiontune[lpips]')" if spec.name == "lpips" else ""
                 known = sorted(IMAGE_LOSSES)

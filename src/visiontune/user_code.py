@@ -32,8 +32,14 @@ def import_callable(dotted: str, key: str) -> Callable[..., Any]:
     try:
         module = importlib.import_module(module_name)
     except Exception as err:  # the user's module may fail in any way while importing
+        hint = ""
+        if isinstance(err, ModuleNotFoundError) and err.name == module_name.split(".")[0]:
+            hint = " (is the folder that holds it on PYTHONPATH?)"
         raise ConfigError(
-            [f"{key}: cannot import {module_name!r} (from {dotted!r}): {type(err).__name__}: {err}"]
+            [
+                f"{key}: cannot import {module_name!r} (from {dotted!r}): "
+                f"{type(err).__name__}: {err}{hint}"
+            ]
         ) from None
     target = getattr(module, attr, None)
     if target is None:

@@ -66,10 +66,11 @@ def _read_tiff(path: Path) -> Raster:
     try:
         with tifffile.TiffFile(path) as tif:
             page = tif.pages[0]
-            array = page.asarray()
+            series = tif.series[0]
+            array = series.asarray()
             geo = {code: page.tags[code].value for code in GEO_TAGS if code in page.tags}
             nodata_tag = page.tags.get(NODATA_TAG)
-            samples_last = page.planarconfig == 1 and page.samplesperpixel > 1
+            samples_last = series.axes.endswith("S")
     except (tifffile.TiffFileError, ValueError, OSError, IndexError) as err:
         raise DataError(located(path, f"not a readable GeoTIFF/TIFF: {err}")) from None
     nodata = _parse_nodata(path, nodata_tag.value) if nodata_tag is not None else None
