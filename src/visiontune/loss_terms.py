@@ -10,6 +10,7 @@ the wrong shape is named with what it returned; one that returns NaN is named by
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +23,8 @@ from visiontune.task import Batch, LossOut, Outputs
 from visiontune.user_code import import_callable
 
 TermFn = Callable[[Outputs, Batch], torch.Tensor]
+_RANGED = {"ssim", "ms_ssim"}
+"""Built-ins whose constants depend on the target's value range."""
 
 
 @dataclass
@@ -50,8 +53,9 @@ def user_term(fn: Callable[..., torch.Tensor], args: dict[str, Any]) -> TermFn:
     return term
 
 
-def build_terms(configs: list[LossTermConfig]) -> list[LossTerm]:
-    """Resolve every term up front, so a bad name or import fails before step 1."""
+def build_terms(configs: list[LossTermConfig], data_range: float = 1.0) -> list[LossTerm]:
+    """Resolve every term up front, so a bad name or import fails before step 1; SSIM-type
+    built-ins get the target's `data_range`."""
     terms: list[LossTerm] = []
     problems: list[str] = []
     for i, spec in enumerate(configs):
@@ -64,7 +68,10 @@ def build_terms(configs: list[LossTermConfig]) -> list[LossTerm]:
                 known = sorted(IMAGE_LOSSES)
                 problems.append(f"{key}.name: unknown loss {spec.name!r}{hint}; built-ins: {known}")
                 continue
-            terms.append(LossTerm(spec.term, spec.weight, image_term(IMAGE_LOSSES[spec.name]), key))
+            loss = IMAGE_LOSSES[spec.name]
+            if spec.name in _RANGED:
+                loss = functools.partial(loss, data_range=data_range)
+            terms.append(LossTerm(spec.term, spec.weight, image_term(loss), key))
         else:
             assert spec.fn is not None
             fn = import_callable(spec.fn, f"{key}.fn")

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import tifffile
 import torch
-from conftest import NAMES, VAL, translate_config
 from PIL import Image
 
+from tests.translate.tiles import NAMES, VAL, translate_config
 from visiontune.api import make_task
 from visiontune.config.translate import BandsConfig
 from visiontune.data.paired import TrainCrops, model_space_tiles, read_split
@@ -60,8 +60,9 @@ def test_band_counts_that_differ_across_files_name_the_file(tiles: Path) -> None
 
 
 def test_a_band_index_out_of_range_names_the_key_and_the_band_count(tiles: Path) -> None:
-    cfg = translate_config(tiles, tiles / "runs", task={
-        "source": {"dir": "S1RTC", "bands": [0, 2]}})  # fmt: skip
+    cfg = translate_config(
+        tiles, tiles / "runs", task={"source": {"dir": "S1RTC", "bands": [0, 2]}}
+    )
     with pytest.raises(DataError, match=r"task.source.bands \[2\] out of range: the file has 2"):
         make_task(cfg).datasets()
 
@@ -92,8 +93,9 @@ def test_nan_and_nodata_sar_pixels_are_masked_and_counted(tiles: Path) -> None:
     assert tile.name == NAMES[1] and tile.masked_pixels == 54
     assert torch.isfinite(tile.source).all()
     # the train-split statistics leave the 54 pixels out (numpy on the valid pixels by hand)
-    clipped = [np.clip(tifffile.imread(tiles / "train" / "S1RTC" / f"{n}.tif"), -30, 5)
-               for n in NAMES[1:]]  # fmt: skip
+    clipped = [
+        np.clip(tifffile.imread(tiles / "train" / "S1RTC" / f"{n}.tif"), -30, 5) for n in NAMES[1:]
+    ]
     keep = np.ones((224, 224), bool)
     keep[10:20, 30:35] = False
     keep[100, 100:104] = False

@@ -165,7 +165,7 @@ class TranslateTask:
     @property
     def terms(self) -> list[LossTerm]:
         if self._terms is None:
-            self._terms = build_terms(self.options.losses)
+            self._terms = build_terms(self.options.losses, self.options.data_range)
         return self._terms
 
     def loss(self, outputs: Outputs, batch: Batch) -> LossOut:

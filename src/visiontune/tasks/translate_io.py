@@ -5,13 +5,14 @@ Each input tile is cut into overlapping windows of the model's input size and st
 carrying the source's georeferencing when it had any, with NaN where the source had no data;
 beside it a PNG quick-look and a source / prediction / target figure (the target is looked up
 as `<tile's folder>/../<target dir>/<same name>.*`, and left out when there is none).
-Nothing already in the output folder is overwritten: predict refuses before it computes.
+Nothing already in the output folder is overwritten: predict refuses before it writes.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,8 +46,16 @@ def output_paths(out_dir: Path, name: str) -> dict[str, Path]:
     }
 
 
-def refuse_overwrites(inputs: list[dict[str, Any]], out_dir: Path) -> None:
-    names = [Path(str(item["image"])).stem for item in inputs]
+@dataclass
+class PredictionPass:
+    """What the batches of one `predict` share: the stitcher and every input's name."""
+
+    stitcher: Stitcher
+    names: list[str]
+    checked: bool = False
+
+
+def refuse_overwrites(names: list[str], out_dir: Path) -> None:
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise VisiontuneError(
@@ -93,14 +102,16 @@ def prediction_batches(task: TranslateTask, inputs: list[dict[str, Any]]) -> Ite
     """Windows of one tile at a time (in input order); an unreadable input yields its error."""
     options = task.options
     step = task.cfg.eval.batch_size or task.cfg.train.micro_batch_size
-    stitcher = Stitcher(options.crop_size, options.tile_overlap)
+    names = [Path(str(item["image"])).stem for item in inputs]
+    shared = PredictionPass(Stitcher(options.crop_size, options.tile_overlap), names)
     for item in inputs:
         path = Path(str(item["image"]))
         try:
             tile = read_input(task, path)
         except DataError as err:
             log.warning("predict: %s", err)
-            yield Batch({}, [], extras={"records": [{"image": str(path), "error": str(err)}]})
+            record = {"image": str(path), "error": str(err)}
+            yield Batch({}, [], extras={"records": [record], "pass": shared})
             continue
         _, height, width = tile["source"].shape
         grid = window_grid(height, width, options.crop_size, options.tile_overlap)
@@ -112,7 +123,7 @@ def prediction_batches(task: TranslateTask, inputs: list[dict[str, Any]]) -> Ite
                 tile["source"][:, r.top : r.top + size, r.left : r.left + size] for r in chunk
             ]
             last = start + step >= len(refs)
-            extras = {"refs": chunk, "stitcher": stitcher, "tile": tile if last else None}
+            extras = {"refs": chunk, "pass": shared, "tile": tile if last else None}
             yield Batch(
                 {"source": torch.stack(windows)}, [tile["name"]] * len(chunk), extras=extras
             )
@@ -122,12 +133,15 @@ def write_predictions(
     task: TranslateTask, outputs: Outputs, batch: Batch, out_dir: Path
 ) -> list[dict[str, Any]]:
     """Stitch the batch's windows; write the finished tile's files and return its record."""
+    shared: PredictionPass = batch.extras["pass"]
+    if not shared.checked:
+        refuse_overwrites(shared.names, out_dir)
+        shared.checked = True
     if not len(batch):
         return batch.extras["records"]
-    stitcher: Stitcher = batch.extras["stitcher"]
     finished = None
     for prediction, ref in zip(outputs["prediction"], batch.extras["refs"], strict=True):
-        finished = stitcher.add(prediction, ref) or finished
+        finished = shared.stitcher.add(prediction, ref) or finished
     tile = batch.extras["tile"]
     if finished is None or tile is None:
         return []
