@@ -34,7 +34,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--source", type=Path, default=TILES)
     parser.add_argument("--out", type=Path, default=Path(".demo-data/terramesh"))
-    parser.add_argument("--val", default="282D_485L_3_3")
+    parser.add_argument("--val", default="433D_629L_3_1")
     args = parser.parse_args()
     if args.out.exists():
         print(f"{args.out} exists: left as it is")

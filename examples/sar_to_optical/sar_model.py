@@ -88,7 +88,9 @@ class DecoderBlock(nn.Module):
 
 
 class SarToOptical(nn.Module):
-    """`forward(source [N, in, H, W]) -> [N, out, H, W]`; H and W multiples of `patch`."""
+    """`forward(source [N, in, H, W]) -> [N, out, H, W]` in [0, 1] (targets scaled by `range`);
+    H and W multiples of `patch`. The output layers start at zero, so training starts from a
+    flat mid-grey image rather than from random noise."""
 
     def __init__(
         self, in_bands: int, out_bands: int, dim: int, depth: int, heads: int, patch: int, size: int
@@ -104,6 +106,9 @@ class SarToOptical(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, out_bands * patch * patch)
         self.refine = nn.Conv2d(in_bands + out_bands, out_bands, 3, padding=1)
+        for layer in (self.head, self.refine):  # start from a flat mid-grey image (0.5)
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
         self.checkpointing = False
 
     def gradient_checkpointing_enable(self) -> None:
@@ -125,7 +130,7 @@ class SarToOptical(nn.Module):
                 x = block(x, context)
         patches = self.head(self.norm(x)).view(n, grid_h, grid_w, self.out_bands, self.patch, -1)
         coarse = patches.permute(0, 3, 1, 4, 2, 5).reshape(n, self.out_bands, h, w)
-        return coarse + self.refine(torch.cat([source, coarse], dim=1))
+        return torch.sigmoid(coarse + self.refine(torch.cat([source, coarse], dim=1)))
 
     def _positions(self, grid_h: int, grid_w: int, device: torch.device) -> torch.Tensor:
         side = int(self.pos_embed.num_embeddings**0.5)

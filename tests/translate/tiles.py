@@ -16,12 +16,12 @@ NAMES = ["282D_485L_3_3", "38D_378R_2_3", "433D_629L_3_1", "609U_541L_3_0", "637
 VAL = NAMES[0]
 
 
-def copy_tiles(root: Path, sides: tuple[str, ...] = ("S1RTC", "S2RGB")) -> Path:
+def copy_tiles(root: Path, sides: tuple[str, ...] = ("S1RTC", "S2RGB"), val: str = VAL) -> Path:
     """train/ (four tiles) and val/ (the fifth), each with the given side folders."""
     if not TILES.is_dir():
         pytest.skip(f"the TerraMesh tiles are not at {TILES}")
     for name in NAMES:
-        split = "val" if name == VAL else "train"
+        split = "val" if name == val else "train"
         for side in sides:
             folder = root / split / side
             folder.mkdir(parents=True, exist_ok=True)

@@ -38,7 +38,6 @@ class Tile:
     source: torch.Tensor
     target: torch.Tensor
     valid: torch.Tensor
-    source_raster: Raster
 
     @property
     def masked_pixels(self) -> int:
@@ -97,58 +96,57 @@ def invalid_pixels(pixels: np.ndarray, nodata: float | None) -> np.ndarray:
     return bad
 
 
-def read_split(
-    split: Path, source: BandsConfig, target: BandsConfig
-) -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray, Raster]]:
-    """Raw pairs (name, source bands, target bands, invalid mask, source raster), checked."""
+RawPair = tuple[str, np.ndarray, np.ndarray, np.ndarray]
+"""(name, source bands, target bands, invalid mask [H, W]) as read, before any scaling."""
+
+
+def read_split(split: Path, source: BandsConfig, target: BandsConfig) -> list[RawPair]:
+    """Every pair of a split, checked; all problems of the split in one DataError."""
     problems: list[str] = []
-    pairs = []
-    counts: dict[str, tuple[int, Path]] = {}
+    pairs: list[RawPair] = []
+    first: dict[str, tuple[int, Path]] = {}
     for name, src_path, tgt_path in find_pairs(split, source.dir, target.dir):
-        side_arrays = []
-        invalid = None
-        src_raster = None
-        for key, side, path in (
-            ("task.source", source, src_path),
-            ("task.target", target, tgt_path),
-        ):
-            raster = read_raster(path)
-            first = counts.setdefault(key, (raster.bands, path))
-            if raster.bands != first[0]:
-                problems.append(
-                    located(
-                        path,
-                        f"{raster.bands} band(s), but {first[1]} has "
-                        f"{first[0]}: every file of a side needs the same",
-                    )
-                )
-                continue
-            pixels = select_bands(raster, side, key, path)
-            bad = invalid_pixels(pixels, side.nodata if side.nodata is not None else raster.nodata)
-            invalid = bad if invalid is None else invalid | bad
-            side_arrays.append(pixels)
-            src_raster = src_raster or raster
-        if len(side_arrays) < 2:
+        sides = [
+            read_side(path, side, key, first, problems)
+            for key, side, path in (("task.source", source, src_path),
+                                    ("task.target", target, tgt_path))
+        ]  # fmt: skip
+        if sides[0] is None or sides[1] is None:
             continue
-        if side_arrays[0].shape[1:] != side_arrays[1].shape[1:]:
-            problems.append(
-                located(
-                    tgt_path,
-                    f"size {side_arrays[1].shape[1:]} differs from "
-                    f"its source's {side_arrays[0].shape[1:]}",
-                )
-            )
+        (src, src_bad), (tgt, tgt_bad) = sides
+        if src.shape[1:] != tgt.shape[1:]:
+            problems.append(located(tgt_path, f"size {tgt.shape[1:]} differs from its "
+                                              f"source's {src.shape[1:]}"))  # fmt: skip
             continue
-        assert invalid is not None and src_raster is not None
-        pairs.append((name, side_arrays[0], side_arrays[1], invalid, src_raster))
+        pairs.append((name, src, tgt, src_bad | tgt_bad))
     if problems:
         raise DataError.listing(problems, str(split))
     return pairs
 
 
+def read_side(
+    path: Path,
+    side: BandsConfig,
+    key: str,
+    first: dict[str, tuple[int, Path]],
+    problems: list[str],
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """One file's selected bands and invalid mask; None (and a problem noted) when its band
+    count differs from the first file of its side."""
+    raster = read_raster(path)
+    count, example = first.setdefault(key, (raster.bands, path))
+    if raster.bands != count:
+        problems.append(located(path, f"{raster.bands} band(s), but {example} has {count}: "
+                                      "every file of a side needs the same"))  # fmt: skip
+        return None
+    pixels = select_bands(raster, side, key, path)
+    nodata = side.nodata if side.nodata is not None else raster.nodata
+    return pixels, invalid_pixels(pixels, nodata)
+
+
 def band_stats(
     arrays: list[np.ndarray], masks: list[np.ndarray], side: BandsConfig
-) -> tuple[list[float], list[float]]:  # noqa: E501
+) -> tuple[list[float], list[float]]:
     """Per-band mean and std over the valid pixels of a split, after dB clipping."""
     values = np.concatenate(
         [clip_db(a, side)[:, ~m] for a, m in zip(arrays, masks, strict=True)], axis=1
@@ -191,7 +189,7 @@ def from_model_space(x: torch.Tensor, side: BandsConfig) -> torch.Tensor:
 
 
 def model_space_tiles(
-    raw: list[tuple[str, np.ndarray, np.ndarray, np.ndarray, Raster]],
+    raw: list[RawPair],
     source: BandsConfig,
     target: BandsConfig,
 ) -> list[Tile]:
@@ -201,9 +199,8 @@ def model_space_tiles(
             to_model_space(src, invalid, source),
             to_model_space(tgt, invalid, target),
             torch.from_numpy(~invalid)[None],
-            raster,
         )
-        for name, src, tgt, invalid, raster in raw
+        for name, src, tgt, invalid in raw
     ]
 
 
@@ -221,7 +218,7 @@ class TrainCrops(Dataset):
 
     def __init__(
         self, tiles: list[Tile], size: int, crops_per_tile: int, flips: bool, seed: int
-    ) -> None:  # noqa: E501
+    ) -> None:
         self.tiles, self.size, self.per_tile = tiles, size, crops_per_tile
         self.flips, self.seed = flips, seed
 

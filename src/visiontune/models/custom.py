@@ -10,16 +10,25 @@ of tensors, which the adapter hands back in fp32.
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from visiontune.config.schema import Config
 from visiontune.errors import ConfigError
 from visiontune.models.load import DTYPES
-from visiontune.models.lora import keep_trainable_fp32, resolve_targets, trainable_report, wrap_lora
+from visiontune.models.lora import (
+    keep_trainable_fp32,
+    merged,
+    resolve_targets,
+    trainable_report,
+    wrap_lora,
+)
 from visiontune.task import ModelAdapter, Outputs, TrainableRow
 from visiontune.user_code import import_callable
 
@@ -53,6 +62,7 @@ class CustomAdapter(ModelAdapter):
     def __init__(self, cfg: Config) -> None:
         super().__init__()
         self.input_dtype = DTYPES[cfg.model.dtype]
+        self.builder, self.builder_args = cfg.model.builder, dict(cfg.model.builder_args)
         model = build_user_model(cfg).to(self.input_dtype)
         for param in model.parameters():
             param.requires_grad_(not cfg.lora.enabled)
@@ -64,8 +74,8 @@ class CustomAdapter(ModelAdapter):
     def _with_lora(model: nn.Module, cfg: Config) -> nn.Module:
         lora = cfg.lora
         to_save = [] if lora.modules_to_save == "auto" else list(lora.modules_to_save)
-        names = {name for name, _ in model.named_modules()}
-        unknown = [m for m in to_save if m not in names]
+        names = [name for name, _ in model.named_modules()]
+        unknown = [m for m in to_save if not any(n == m or n.endswith("." + m) for n in names)]
         if unknown:
             tops = [name for name, _ in model.named_children()]
             raise ConfigError(
@@ -98,6 +108,15 @@ class CustomAdapter(ModelAdapter):
 
     def trainable_rows(self) -> list[TrainableRow]:
         return trainable_report(self.model)
+
+    def export_merged(self, out_dir: Path) -> None:
+        """The user's module with LoRA folded in: its state dict as model.safetensors, and
+        builder.json (builder and arguments) to build the module that loads it."""
+        module = merged(self.model)
+        state = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
+        save_file(state, str(out_dir / "model.safetensors"))
+        recipe = {"builder": self.builder, "builder_args": self.builder_args}
+        (out_dir / "builder.json").write_text(json.dumps(recipe, indent=2))
 
 
 def enable_user_checkpointing(model: nn.Module, builder: str) -> None:

@@ -21,6 +21,7 @@ import torch
 from visiontune.config.schema import Config, TranslateTaskConfig
 from visiontune.config.translate import BandsConfig
 from visiontune.data.paired import (
+    RawPair,
     Tile,
     TileWindows,
     TrainCrops,
@@ -100,7 +101,7 @@ class TranslateTask:
                 evals[split] = TileWindows(held, opts.crop_size, opts.tile_overlap)
         return Splits(train, evals.get("val"), evals.get("test"))
 
-    def _pin_stats(self, raw: list[Any]) -> None:
+    def _pin_stats(self, raw: list[RawPair]) -> None:
         """Compute per-band statistics on the train split where they are needed and not given."""
         for attr, index in (("source", 1), ("target", 2)):
             side: BandsConfig = getattr(self.options, attr)
@@ -116,14 +117,14 @@ class TranslateTask:
             pinned = side.model_copy(update={"mean": mean, "std": std})
             self.options = self.options.model_copy(update={attr: pinned})
 
-    def _check_sizes(self, tiles: list[Any], split: Path) -> None:
+    def _check_sizes(self, tiles: list[Tile], split: Path) -> None:
         size = self.options.crop_size
         small = [t.name for t in tiles if min(t.source.shape[-2:]) < size]
         if small:
             raise DataError(f"{split}: tiles {small[:5]} are smaller than task.crop_size {size}")
 
     @staticmethod
-    def _log_masked(split: str, tiles: list[Any]) -> None:
+    def _log_masked(split: str, tiles: list[Tile]) -> None:
         masked = sum(t.masked_pixels for t in tiles)
         if masked:
             total = sum(t.valid.numel() for t in tiles)
@@ -206,7 +207,7 @@ class TranslateTask:
         return translate_io.write_predictions(self, outputs, batch, out_dir)
 
 
-def mean_image(tiles: list[Any]) -> torch.Tensor:
+def mean_image(tiles: list[Tile]) -> torch.Tensor:
     """Per-pixel mean of the train targets over their valid pixels (model space); the per-band
     mean broadcast to a pixel where no train tile is valid, and for tiles of other sizes."""
     shapes = {tuple(t.target.shape) for t in tiles}
