@@ -3,7 +3,8 @@
 Scores are PSNR and SSIM (visiontune.metrics.image: Wang et al.'s Gaussian-window SSIM over
 the valid region), overall and per band, on the valid pixels only, averaged over tiles. The
 mean-image baseline (the per-pixel mean of the train targets) is scored beside them
-(`baseline.psnr`, `baseline.ssim`): a model that does not beat it has learnt nothing from
+(`baseline_psnr`, `baseline_ssim`, drawn beside `psnr` and `ssim` in the curves): a model
+that does not beat it has learnt nothing from
 the source.
 """
 
@@ -19,6 +20,9 @@ from visiontune.task import Batch, Metrics, Outputs
 
 if TYPE_CHECKING:
     from visiontune.tasks.translate import TranslateTask
+
+NODATA = "nodata.pixels"
+"""Pixels left out as NaN or no-data, summed over the split's tiles."""
 
 
 class TranslateMeter:
@@ -67,8 +71,8 @@ class TranslateMeter:
             base = image_metrics(
                 baseline, tile.target, self.task.options.data_range, valid=tile.valid
             )
-            scores.update({f"baseline.{k}": v for k, v in base.items() if "/" not in k})
-            scores["masked_pixels"] = float(tile.masked_pixels)
+            scores.update({f"baseline_{k}": v for k, v in base.items() if "/" not in k})
+            scores[NODATA] = float(tile.masked_pixels)
             per_tile[name] = scores
             for key, value in scores.items():
                 sums[key] = sums.get(key, 0.0) + value
@@ -82,16 +86,18 @@ class TranslateMeter:
                         "valid": tile.valid,
                         "baseline": baseline,
                         "psnr": scores["psnr"],
-                        "baseline_psnr": scores["baseline.psnr"],
+                        "baseline_psnr": scores["baseline_psnr"],
                     }
                 )
         self.task.shown = shown
         count = len(per_tile)
-        scalars = {k: v / count for k, v in sums.items() if k != "masked_pixels"}
-        scalars["masked_pixels"] = sums.get("masked_pixels", 0.0)
+        scalars = {k: v / count for k, v in sums.items() if k != NODATA}
+        scalars[NODATA] = sums.get(NODATA, 0.0)
         scalars["loss"] = self.loss_sum / max(self.items, 1)
         scalars.update({f"loss.{k}": v / max(self.items, 1) for k, v in self.parts.items()})
-        ordered = {k: scalars.pop(k) for k in ("psnr", "ssim", "baseline.psnr", "loss")}
+        ordered = {
+            k: scalars.pop(k) for k in ("psnr", "baseline_psnr", "ssim", "baseline_ssim", "loss")
+        }
         return Metrics({**ordered, **scalars}, {"tiles": per_tile})
 
 
