@@ -30,11 +30,9 @@ needs_terratorch = pytest.mark.skipif(
 )
 
 
-def test_full_models_are_refused_with_the_reason() -> None:
-    with pytest.raises(ConfigError, match="_generate. samples tokens.*use an encoder"):
+def test_generation_models_are_refused_with_the_reason() -> None:
+    with pytest.raises(ConfigError, match="samples tokens.*no gradient.*_encdec"):
         build("terramind_v1_base_generate", modalities=["S1RTC"])
-    with pytest.raises(ConfigError, match="full models"):
-        build("terramind_v1_base_encdec")
 
 
 def test_band_counts_of_pretrained_and_new_modalities() -> None:
@@ -73,15 +71,48 @@ def test_random_tiny_terramind_translates_sar_and_takes_lora() -> None:
 
 @pytest.mark.terratorch
 @needs_terratorch
-def test_gradient_checkpointing_gives_the_same_gradients() -> None:
+def test_random_base_encdec_decoder_attends_to_the_sar_through_cross_attention() -> None:
+    """terramind_v1_base_encdec (terratorch's tiny/small _encdec do not build): LoRA on the
+    decoder's cross_attn.q/kv/proj, as the user does. 32 px keeps the 24 blocks cheap."""
     torch.manual_seed(0)
-    model = build("terramind_v1_tiny", modalities=["S1RTC"], out_channels=1, img_size=32)
-    source = torch.randn(1, 2, 32, 32)
-    model(source).sum().backward()
-    plain = [p.grad.clone() for p in model.parameters() if p.grad is not None]
-    model.zero_grad()
+    model = build("terramind_v1_base_encdec", modalities=["S1RTC"], out_channels=3, img_size=32)
+    source = torch.randn(2, 2, 32, 32)
+    out = model(source)
+    assert out.shape == (2, 3, 32, 32)
+    # the output depends on the source only through the decoder's cross-attention
+    assert not torch.allclose(model(source.flip(-1)), out)
+    targets = resolve_targets(model, "re:.*cross_attn\\.(q|kv|proj)$")
+    assert len(targets) == 3 * len(model.terramind.decoder)
+    lora = wrap_lora(model, LoraConfig(rank=4, targets="qv"), targets, ["head"])
+    lora(source).square().mean().backward()
+    trained = {n for n, p in lora.named_parameters() if p.requires_grad and p.grad is not None}
+    assert any("cross_attn.kv.lora_B" in n for n in trained)
+    assert not any(".attn.qkv" in n for n in trained)  # the encoder stays frozen
+
+
+@pytest.mark.terratorch
+@needs_terratorch
+@pytest.mark.parametrize("name", ["terramind_v1_tiny", "terramind_v1_base_encdec"])
+def test_gradient_checkpointing_gives_the_same_gradients(name: str) -> None:
+    """Frozen TerraMind (as under LoRA): the gradient reaching the source passes every block."""
+    torch.manual_seed(0)
+    model = build(name, modalities=["S1RTC"], out_channels=1, img_size=32)
+    model.terramind.requires_grad_(False)
+    source = torch.randn(1, 2, 32, 32, requires_grad=True)
+    (plain,) = torch.autograd.grad(model(source).sum(), source)
     model.set_grad_checkpointing(True)
-    model(source).sum().backward()
-    again = [p.grad for p in model.parameters() if p.grad is not None]
-    assert len(plain) == len(again)
-    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, again, strict=True))
+    calls: list[int] = []
+    model.blocks()[-1].norm1.register_forward_hook(lambda *_: calls.append(1))
+    (again,) = torch.autograd.grad(model(source).sum(), source)
+    assert len(calls) == 2  # the last block ran forward, then again (from its start) in backward
+    assert plain.abs().sum() > 0
+    assert torch.allclose(plain, again, atol=1e-6)
+
+
+@pytest.mark.terratorch
+@needs_terratorch
+def test_unknown_name_lists_the_terramind_encoders() -> None:
+    with pytest.raises(
+        ConfigError, match="'terramind_v2_tiny' is not in.*terramind_v1_tiny_encdec"
+    ):
+        build("terramind_v2_tiny", modalities=["S1RTC"])
