@@ -68,8 +68,11 @@ class TranslateTask:
     # --- data -------------------------------------------------------------------------------
 
     def datasets(self) -> Splits:
+        """The splits; the loss terms are resolved with them, so `config check` names a loss
+        function that cannot be imported before any training starts."""
         if self._splits is None:
             self._splits = self._read_splits()
+            _ = self.terms
         return self._splits
 
     def _read_splits(self) -> Splits:
