@@ -66,6 +66,22 @@ def test_weighted_terms_are_logged_and_the_val_tile_is_scored_and_predicted(tile
     assert (result.run_dir / "figures" / f"translate_{VAL}.png").is_file()
     assert (result.run_dir / "figures" / "training_curves.png").is_file()
     check_prediction(result.run_dir, tiles)
+    check_export(result.run_dir, tiles / "export")
+
+
+def check_export(run: Path, out: Path) -> None:
+    """The merged export loads into a freshly built module and computes what the run does."""
+    from user_code_for_tests import tiny_translator
+
+    from visiontune.export import export_merged
+
+    export_merged(run, out)
+    recipe = json.loads((out / "builder.json").read_text())
+    module = tiny_translator(**recipe["builder_args"])
+    module.load_state_dict(load_file(out / "model.safetensors"))
+    source = torch.randn(1, 2, 32, 32)
+    expected = api.load_run(run).runner.adapter(source=source)["prediction"]
+    assert torch.allclose(module(source), expected, atol=1e-5)
 
 
 def check_prediction(run: Path, tiles: Path) -> None:

@@ -112,6 +112,7 @@ class CustomAdapter(ModelAdapter):
     def export_merged(self, out_dir: Path) -> None:
         """The user's module with LoRA folded in: its state dict as model.safetensors, and
         builder.json (builder and arguments) to build the module that loads it."""
+        out_dir.mkdir(parents=True, exist_ok=True)
         module = merged(self.model)
         state = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
         save_file(state, str(out_dir / "model.safetensors"))
