@@ -216,3 +216,19 @@ def test_bf16_base_keeps_trainables_fp32_and_checkpointing_keeps_gradients(tiles
         adapter(source=torch.randn(2, 2, 16, 16))["prediction"].square().sum().backward()
         grads.append([p.grad.clone() for p in adapter.parameters() if p.requires_grad])
     assert all(torch.allclose(x, y, atol=1e-6) for x, y in zip(*grads, strict=True))
+
+
+def test_an_fp16_base_trains_with_a_checkpointed_grad_scaler(tiles: Path) -> None:
+    cfg = translate_config(tiles, tiles / "runs", model={"dtype": "fp16"}, precision="fp16",
+                           data={"val": None})  # fmt: skip
+    run = api.train(cfg).run_dir
+    assert all(r["update_applied"] for r in records(run / "metrics.jsonl"))
+    assert (run / "checkpoints" / "step-00000002" / "scaler.pt").is_file()
+
+
+def test_checkpointing_a_module_without_a_hook_is_a_config_error(tiles: Path) -> None:
+    model = {"builder": "user_code_for_tests:conv_translator", "builder_args": {},
+             "gradient_checkpointing": True}  # fmt: skip
+    cfg = translate_config(tiles, tiles / "runs", model=model, lora={"enabled": False})
+    with pytest.raises(ConfigError, match="has no gradient_checkpointing_enable or set_grad"):
+        api.make_task(cfg).adapter()
