@@ -42,6 +42,7 @@ TASKS = {
     "classify": "visiontune.tasks.classify:ClassifyTask",
     "segment": "visiontune.tasks.segment:SegmentTask",
     "ground": "visiontune.tasks.ground:GroundTask",
+    "translate": "visiontune.tasks.translate:TranslateTask",
 }
 
 
@@ -232,8 +233,9 @@ def start_from(loop: Loop, cfg: Config, run: RunDir, resume: bool) -> None:
 def build_adapter(task: Task, cfg: Config, run: RunDir, report: bool = False) -> ModelAdapter:
     """The task's model adapter; with `report`, what trains (once per run, at its start).
 
-    Inline random-init models pin their frozen weights in the run directory, so eval and
-    predict rebuild exactly the base training saw.
+    Inline random-init models and models of a user's builder (whose initialisation we cannot
+    vouch for) pin their frozen weights in the run directory, so eval and predict rebuild
+    exactly the base training saw.
     """
     adapter = task.adapter()
     if report:
@@ -247,7 +249,7 @@ def build_adapter(task: Task, cfg: Config, run: RunDir, report: bool = False) ->
         warning = check_trainable_share(rows, cfg.lora.enabled)
         if warning:
             log.warning(warning)
-    if cfg.model.config is not None and distributed.is_main():  # DDP broadcasts rank 0's
+    if (cfg.model.config is not None or cfg.model.builder is not None) and distributed.is_main():
         frozen = {
             n: p.detach().contiguous() for n, p in adapter.named_parameters() if not p.requires_grad
         }

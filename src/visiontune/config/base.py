@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from visiontune.user_code import check_dotted
+
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -31,9 +33,19 @@ class QuantizationConfig(Section):
 
 
 class ModelConfig(Section):
-    """Where the backbone comes from: a hub id, a local directory, or an inline config."""
+    """Where the backbone comes from: a hub id, a local directory, an inline config, or the
+    user's own builder."""
 
     name_or_path: str | None = None
+    builder: str | None = Field(
+        default=None,
+        description="Your own model: `package.module:function` returning an nn.Module, called "
+        "with model.builder_args (imported only because the config names it, as explicit as "
+        "trust_remote_code).",
+    )
+    builder_args: dict[str, Any] = Field(
+        default_factory=dict, description="Keyword arguments of model.builder."
+    )
     config: dict[str, Any] | None = Field(
         default=None,
         description="Inline transformers config (with `model_type`) for a randomly initialised "
@@ -57,8 +69,13 @@ class ModelConfig(Section):
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelConfig:
-        if (self.name_or_path is None) == (self.config is None):
-            raise ValueError("set exactly one of model.name_or_path or model.config")
+        sources = [self.name_or_path, self.config, self.builder]
+        if sum(source is not None for source in sources) != 1:
+            raise ValueError("set exactly one of model.name_or_path, model.config or model.builder")
+        if self.builder is not None:
+            check_dotted(self.builder)
+        elif self.builder_args:
+            raise ValueError("model.builder_args needs model.builder")
         if self.config is not None and "model_type" not in self.config:
             raise ValueError("model.config needs a `model_type` (e.g. vit, siglip_vision_model)")
         if self.config is not None and self.quantization is not None:

@@ -20,11 +20,13 @@ from visiontune.config.tasks import (
     LossConfig,
     SegmentTaskConfig,
     TaskConfig,
+    TranslateTaskConfig,
     names_sam3,
 )
 
 __all__ = [
     "ClassifyTaskConfig",
+    "TranslateTaskConfig",
     "Config",
     "GroundTaskConfig",
     "LoraConfig",
@@ -76,11 +78,13 @@ class DataConfig(Section):
         "mask_folder",
         "conversations",
         "grounding",
+        "paired",
     ] = Field(
         default="imagefolder",
         description="imagefolder/csv: classification; labelme (= reasonseg), coco, mask_folder: "
         "segmentation; conversations (LLaMA-Factory multimodal JSON/JSONL), grounding (image, "
-        "instruction, bbox or point, type): ground.",
+        "instruction, bbox or point, type): ground; paired (source/target folders, same file "
+        "names): translate.",
     )
     train: Path
     val: Path | None = None

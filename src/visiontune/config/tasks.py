@@ -12,6 +12,7 @@ from typing import Annotated, ClassVar, Literal
 from pydantic import Field, field_validator, model_validator
 
 from visiontune.config.base import LoraConfig, ModelConfig, Section
+from visiontune.config.translate import TranslateTaskConfig
 
 
 class LossConfig(Section):
@@ -298,5 +299,6 @@ class GroundTaskConfig(Section):
 
 
 TaskConfig = Annotated[
-    ClassifyTaskConfig | SegmentTaskConfig | GroundTaskConfig, Field(discriminator="type")
+    ClassifyTaskConfig | SegmentTaskConfig | GroundTaskConfig | TranslateTaskConfig,
+    Field(discriminator="type"),
 ]

@@ -199,9 +199,11 @@ class Loop:
         self.state.skipped_samples += totals.skips
         self.check_skips(0)
         if not bool(finite):
+            terms = [name for name, value in parts.items() if not bool(torch.isfinite(value))]
             raise TrainingError(
                 f"loss is not finite at optimizer step {self.state.step + 1} (epoch "
-                f"{self.state.epoch}), in a window with samples "
+                f"{self.state.epoch}{', terms ' + ', '.join(terms) if terms else ''}), in a "
+                "window with samples "
                 f"{[i for m, _ in window for i in m.ids][:8]}; try a lower optim.lr, precision "
                 "bf16/fp32, or train.detect_anomaly: true"
             )

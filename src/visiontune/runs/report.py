@@ -67,9 +67,7 @@ def write_summary(
     return summary
 
 
-def plan_against_run(
-    plan_file: Path, steps: list[dict[str, Any]], cfg: Config
-) -> dict[str, Any]:
+def plan_against_run(plan_file: Path, steps: list[dict[str, Any]], cfg: Config) -> dict[str, Any]:
     """train.plan's prediction next to what the run measured: peak memory (the highest per-step
     peak) and step time (the median after the first step, as the plan measures it), with the
     threads and loader settings of both sides: a step time is comparable only where they agree."""
@@ -120,8 +118,9 @@ def plot_training(
     eval_losses = [(e["step"], e["loss"]) for e in evals if "loss" in e]
     if eval_losses:
         ax.plot(*zip(*eval_losses, strict=True), "ko-", label="eval loss")
+    plot_loss_terms(ax, x, steps)
     ax.set(title="loss", xlabel="optimizer step")
-    ax.legend()
+    ax.legend(fontsize=7)
     axes[0][1].plot(x, [r["lr"] for r in steps])
     axes[0][1].set(title="learning rate", xlabel="optimizer step")
     ax = axes[1][0]
@@ -159,6 +158,24 @@ def plot_training(
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_loss_terms(ax: Any, x: list[int], steps: list[dict[str, Any]]) -> None:
+    """Each named loss term (`loss.<term>` in metrics.jsonl), smoothed: weighted (dashed, what
+    it adds to the total) and raw (dotted, same colour) where the task logs both."""
+    terms = [k for k in steps[-1] if k.startswith("loss.") and not k.endswith(".weighted")]
+    for key in terms:
+        weighted = f"{key}.weighted"
+        name = key.removeprefix("loss.")
+        if weighted in steps[-1]:
+            (line,) = ax.plot(x, smooth([r.get(weighted, 0.0) for r in steps]), "--",
+                              label=f"{name} (weighted)")  # fmt: skip
+            ax.plot(x, smooth([r.get(key, 0.0) for r in steps]), ":", color=line.get_color(),
+                    label=f"{name} (raw)")  # fmt: skip
+        else:
+            ax.plot(x, smooth([r.get(key, 0.0) for r in steps]), "--", label=name)
+    if any(k.endswith(".weighted") for k in steps[-1]):
+        ax.set_yscale("log")
 
 
 def smooth(values: list[float], weight: float = 0.9) -> list[float]:
