@@ -195,12 +195,14 @@ def test_an_empty_instance_is_dropped_counted_and_named(
     """A COCO polygon drawn entirely outside its image has no pixel: dropped, counted, named."""
     source = coco_dir(tmp_path / "coco")
     data = json.loads(source.read_text())
-    outside = [40, 40, 50, 40, 50, 50]
+    outside = [25, 20, 30, 20, 30, 25]  # beyond the 20 x 16 image, not so far it is refused
     data["annotations"].append(
         {"id": 4, "image_id": 1, "category_id": 1, "segmentation": [outside]}
     )
     source.write_text(json.dumps(data))
-    records = read_instances("coco", "data.train", source, options(), [])
+    problems: list[str] = []
+    records = read_instances("coco", "data.train", source, options(), problems)
+    assert problems == []
     crack = dataset([r for r in records if r.sample_id == "a:crack"])
     with caplog.at_level(logging.WARNING):
         sample = crack[0]
