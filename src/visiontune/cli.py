@@ -156,7 +156,7 @@ def config_check(config: Path, overrides: Overrides = None) -> None:
     """Validate the config and the data it points at, decoding every image, without training."""
     from visiontune import api
     from visiontune.config import load_config
-    from visiontune.data.verify import CheckProgress, listed_images, undecodable
+    from visiontune.data.verify import CheckProgress, ListsImages, listed_images, undecodable
     from visiontune.errors import DataError
 
     cfg = load_config(config, overrides)
@@ -168,7 +168,10 @@ def config_check(config: Path, overrides: Overrides = None) -> None:
     if unreadable:
         raise DataError.listing(unreadable, str(config), noun="unreadable image(s)")
     sizes = ", ".join(f"{name}: {len(ds)} samples" for name, ds in datasets.items())
-    typer.echo(f"{config}: OK ({sizes}; {len(images)} image files decoded)")
+    # conversation, grounding and paired-raster loaders read every file while they load
+    read = [name for name, ds in datasets.items() if not isinstance(ds, ListsImages)]
+    loaded = f"; {', '.join(read)}: every file read while loading" if read else ""
+    typer.echo(f"{config}: OK ({sizes}; {len(images)} image files decoded{loaded})")
 
 
 @app.command()
