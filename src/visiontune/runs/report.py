@@ -120,7 +120,8 @@ def plot_training(
         ax.plot(*zip(*eval_losses, strict=True), "ko-", label="eval loss")
     plot_loss_terms(ax, x, steps)
     ax.set(title="loss", xlabel="optimizer step")
-    ax.legend(fontsize=7)
+    many = len(ax.get_lines()) > 5  # loss terms: two columns keep the curves visible
+    ax.legend(fontsize=6 if many else 7, ncol=2 if many else 1, framealpha=0.6)
     axes[0][1].plot(x, [r["lr"] for r in steps])
     axes[0][1].set(title="learning rate", xlabel="optimizer step")
     ax = axes[1][0]
