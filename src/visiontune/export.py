@@ -35,13 +35,18 @@ def export_merged(run_dir: Path, out_dir: Path, checkpoint: Path | None = None) 
     export_files = getattr(task, "export_files", None)
     if export_files is not None:
         export_files(out_dir)
-    source = cfg.model.name_or_path or "an inline config (random init)"
-    (out_dir / "README.md").write_text(_model_card(source, cfg.task.type, Path(run_dir)))
+    if cfg.model.builder is not None:
+        source = f"{cfg.model.builder} (your own module)"
+    else:
+        source = cfg.model.name_or_path or "an inline config (random init)"
+    library = "pytorch" if cfg.model.builder is not None else "transformers"
+    card = _model_card(source, cfg.task.type, Path(run_dir), library)
+    (out_dir / "README.md").write_text(card)
     log.info("merged model written to %s (base: %s)", out_dir, source)
     return out_dir
 
 
-def _model_card(base: str, task: str, run_dir: Path) -> str:
+def _model_card(base: str, task: str, run_dir: Path, library: str) -> str:
     summary = run_dir / "summary.json"
     metrics = ""
     if summary.is_file():
@@ -49,7 +54,7 @@ def _model_card(base: str, task: str, run_dir: Path) -> str:
         shown = {k: v for k, v in final.items() if k != "step" and isinstance(v, int | float)}
         metrics = "\n".join(f"- {k}: {v:.4g}" for k, v in shown.items())
     return (
-        "---\nlibrary_name: transformers\ntags: [visiontune, lora-merged]\n---\n\n"
+        f"---\nlibrary_name: {library}\ntags: [visiontune, lora-merged]\n---\n\n"
         f"# {run_dir.name}\n\nFine-tuned from `{base}` for the `{task}` task with visiontune "
         "(LoRA, merged into the base weights).\n\n"
         + (f"## Evaluation\n\n{metrics}\n" if metrics else "")

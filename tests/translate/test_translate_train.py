@@ -82,6 +82,8 @@ def check_export(run: Path, out: Path) -> None:
     source = torch.randn(1, 2, 32, 32)
     expected = api.load_run(run).runner.adapter(source=source)["prediction"]
     assert torch.allclose(module(source), expected, atol=1e-5)
+    card = (out / "README.md").read_text()
+    assert "library_name: pytorch" in card and "user_code_for_tests:tiny_translator" in card
 
 
 def check_prediction(run: Path, tiles: Path) -> None:
