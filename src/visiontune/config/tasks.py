@@ -175,6 +175,13 @@ class Sam3Options(Section):
         "pixels is an instance, or each distinct pixel value.",
     )
     score_threshold: float = Field(default=0.5, ge=0, le=1, description="Predict/eval cut-off.")
+    exemplars: int = Field(
+        default=0,
+        ge=0,
+        description="Training only: up to this many of each image's ground-truth boxes, drawn "
+        "anew every epoch, go to the model as positive box exemplars beside the text (as SAM 3 "
+        "was trained); evaluation stays text-only, predict takes boxes per image.",
+    )
     loss: Sam3LossConfig = Sam3LossConfig()
 
 

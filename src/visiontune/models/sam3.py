@@ -27,6 +27,7 @@ from visiontune.data.cache import FrozenFeatureCache, trunk_fingerprint
 from visiontune.errors import ConfigError
 from visiontune.models.load import build_config, enable_checkpointing, load_model
 from visiontune.models.lora import keep_trainable_fp32, merged, resolve_targets, unwrap
+from visiontune.models.roi_align import install_roi_align
 from visiontune.task import ModelAdapter, Outputs, TrainableRow
 
 log = logging.getLogger(__name__)
@@ -163,11 +164,37 @@ def apply_sam3_lora(model: nn.Module, lora: LoraConfig, options: Sam3Options) ->
     return keep_trainable_fp32(wrapped)
 
 
+PADDING_LABEL = -10  # what Sam3Model reads as "no box here" (Sam3Processor pads with it)
+
+
+def box_prompts(
+    boxes: list[torch.Tensor], labels: list[torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """Per-row exemplar boxes (x1, y1, x2, y2 in [0, 1], any count per row) as Sam3Model's
+    `input_boxes` (cx, cy, w, h, padded to the longest row) and `input_boxes_labels` (1 =
+    positive, 0 = negative, -10 = padding), as Sam3Processor builds them; {} when no row has
+    a box, so a text-only batch runs exactly as without exemplars."""
+    width = max((len(b) for b in boxes), default=0)
+    if width == 0:
+        return {}
+    rows = len(boxes)
+    packed = torch.zeros(rows, width, 4)
+    kinds = torch.full((rows, width), PADDING_LABEL, dtype=torch.long)
+    for row, xyxy in enumerate(boxes):
+        count = len(xyxy)
+        if count:
+            x1, y1, x2, y2 = xyxy.float().unbind(-1)
+            packed[row, :count] = torch.stack([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1], -1)
+            kinds[row, :count] = 1 if labels is None else labels[row].long()
+    return {"input_boxes": packed, "input_boxes_labels": kinds}
+
+
 class Sam3Adapter(ModelAdapter):
     """SAM 3 with LoRA; `forward` returns every query's mask, box, score and the presence.
 
     `forward(pixel_values, input_ids, attention_mask, input_boxes=None,
-    input_boxes_labels=None, cache_keys=None)`: one row per (image, prompt). Outputs in fp32:
+    input_boxes_labels=None, cache_keys=None)`: one row per (image, prompt); box exemplars
+    as `box_prompts` makes them. Outputs in fp32:
     `pred_masks` [B, Q, h, w] logits, `pred_boxes` [B, Q, 4] (x1, y1, x2, y2 in [0, 1]),
     `pred_logits` [B, Q], `presence_logits` [B], `semantic_seg` [B, h, w] logits.
     """
@@ -184,6 +211,8 @@ class Sam3Adapter(ModelAdapter):
         self.base_model_id = cfg.model.name_or_path
         self.num_queries = int(self.sam3.config.detr_decoder_config.num_queries)
         self.cache = self._cache(cache, cache_dir)
+        if install_roi_align():
+            log.info("torchvision not importable: box exemplars pool with visiontune's RoIAlign")
 
     @property
     def sam3(self) -> nn.Module:
