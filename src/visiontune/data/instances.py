@@ -228,6 +228,10 @@ class InstanceOptions:
 class InstanceDataset(Dataset):
     """Records decoded on access into SAM 3 inputs and per-instance targets.
 
+    `ignore` pixels (255) of any instance form one per-sample ignore region (`ignore` at the
+    input frame, `eval_ignore` at the original size; target pixels never count as ignored)
+    that the loss and the union-mask metrics leave out.
+
     Instances that are empty (all ignore, or no pixel at all) are dropped, counted in
     `empty_instances` and named in the log; a record whose every instance is ignore comes
     back as Skipped (nothing to learn or score), while a record with no instance at all is a
@@ -277,6 +281,10 @@ class InstanceDataset(Dataset):
         truth = self._limit(record, truth)
         stack = np.stack(truth) if truth else np.zeros((0, height, width), dtype=bool)
         frame = resize_any(stack, self.options.size)
+        ignore = np.zeros((height, width), dtype=bool)
+        for mask in rendered:
+            ignore |= mask == IGNORE
+        ignore &= ~stack.any(0)
         unit = pixels["frame"].float() / 255.0
         mean = torch.tensor(self.options.mean).view(3, 1, 1)
         std = torch.tensor(self.options.std).view(3, 1, 1)
@@ -291,6 +299,8 @@ class InstanceDataset(Dataset):
             "boxes": boxes,
             "exemplar_boxes": boxes[self._exemplars(index, len(boxes))],
             "eval_masks": torch.from_numpy(stack),
+            "eval_ignore": torch.from_numpy(ignore),
+            "ignore": resize_any(ignore[None], self.options.size)[0] & ~frame.any(0),
         }
 
     def _exemplars(self, index: int, count: int) -> torch.Tensor:

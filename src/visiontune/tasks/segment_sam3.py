@@ -161,9 +161,11 @@ class Sam3SegmentTask:
             "masks": torch.cat([s["masks"] for s in good]),
             "boxes": torch.cat([s["boxes"] for s in good]),
             "owner": torch.tensor(owner, dtype=torch.long),
+            "ignore": torch.stack([s["ignore"] for s in good]),
         }
         extras = {
             "eval_masks": [s["eval_masks"] for s in good],
+            "eval_ignore": [s["eval_ignore"] for s in good],
             "categories": [s["category"] for s in good],
             "image_paths": paths,
         }
@@ -177,7 +179,9 @@ class Sam3SegmentTask:
     def loss(self, outputs: Outputs, batch: Batch) -> LossOut:
         t = batch.targets
         return set_loss(
-            outputs, InstanceTargets(t["masks"], t["boxes"], t["owner"]), self.opts.sam3.loss
+            outputs,
+            InstanceTargets(t["masks"], t["boxes"], t["owner"], t["ignore"]),
+            self.opts.sam3.loss,
         )
 
     # --- evaluation and prediction ----------------------------------------------------------
@@ -306,7 +310,12 @@ class Sam3Meter:
             self.targets.append({"masks": truth.bool(), "labels": torch.full((len(truth),), label)})
             kept = scores >= cut
             union = masks[kept].any(0)
-            self.semantic += semantic_counts(union, truth.any(0), task.opts.boundary_tolerance)
+            self.semantic += semantic_counts(
+                union,
+                truth.any(0),
+                task.opts.boundary_tolerance,
+                batch.extras["eval_ignore"][row],
+            )
             self.counts[0].append(int(kept.sum()))
             self.counts[1].append(len(truth))
             if len(task.examples) < task.opts.figures:

@@ -6,6 +6,7 @@ GIoU (+ mask Dice); matched queries learn their box (L1 + GIoU) and mask (sigmoi
 Dice, at the target's full frame, so a one-pixel crack is not averaged away at the decoder's
 1/4 resolution), every query learns whether it is matched (sigmoid focal), every prompt learns
 whether anything is there at all (presence, BCE) and its union mask (semantic, BCE + Dice).
+`ignore` pixels are left out of the mask and semantic terms (not of the matching cost).
 
 The box GIoU, Dice and focal formulas are transformers' own DETR-family ones
 (`transformers.loss.loss_for_object_detection`), called with a normaliser of 1 so that they
@@ -38,12 +39,21 @@ class InstanceTargets:
     """Target instances of a micro-batch: masks at the input frame and their boxes.
 
     `masks` [M, S, S] bool over all rows, `boxes` [M, 4] (x1, y1, x2, y2 in [0, 1]),
-    `owner` [M] the batch row each instance belongs to.
+    `owner` [M] the batch row each instance belongs to, `ignore` [B, S, S] bool the pixels of
+    each row that no mask term scores (none when absent).
     """
 
     masks: torch.Tensor
     boxes: torch.Tensor
     owner: torch.Tensor
+    ignore: torch.Tensor | None = None
+
+    def scored(self, row: int) -> torch.Tensor:
+        """Flat indices of the row's pixels that the mask and semantic terms score."""
+        size = self.masks.shape[-2] * self.masks.shape[-1]
+        if self.ignore is None:
+            return torch.arange(size, device=self.masks.device)
+        return (~self.ignore[row].reshape(-1)).nonzero()[:, 0]
 
     def of(self, row: int) -> tuple[torch.Tensor, torch.Tensor]:
         keep = self.owner == row
@@ -90,6 +100,7 @@ def set_loss(outputs: Outputs, targets: InstanceTargets, spec: Sam3LossConfig) -
     labels = torch.zeros_like(logits)
     for row in range(rows):
         truth_masks, truth_boxes = targets.of(row)
+        scored = targets.scored(row)
         if len(truth_masks) > queries:
             raise ValueError(f"{len(truth_masks)} instances but only {queries} queries")
         if len(truth_masks):
@@ -102,8 +113,8 @@ def set_loss(outputs: Outputs, targets: InstanceTargets, spec: Sam3LossConfig) -
             sums["box_l1"] = sums["box_l1"] + (pred_boxes - goal).abs().sum()
             giou = torch.diag(generalized_box_iou(pred_boxes, goal))
             sums["giou"] = sums["giou"] + (1 - giou).sum()
-            pred = _resized(outputs["pred_masks"][row, q], frame).flatten(1)
-            truth = truth_masks[t].flatten(1).float()
+            pred = _resized(outputs["pred_masks"][row, q], frame).flatten(1)[:, scored]
+            truth = truth_masks[t].flatten(1).float()[:, scored]
             sums["mask_focal"] = sums["mask_focal"] + sigmoid_focal_loss(
                 pred, truth, 1, spec.focal_alpha, spec.focal_gamma
             )
@@ -111,7 +122,7 @@ def set_loss(outputs: Outputs, targets: InstanceTargets, spec: Sam3LossConfig) -
         semantic = outputs.get("semantic_seg")
         if semantic is not None and spec.semantic_weight > 0:
             union = truth_masks.any(0) if len(truth_masks) else truth_masks.new_zeros(frame)
-            sums["semantic"] = sums["semantic"] + _semantic(semantic[row], union)
+            sums["semantic"] = sums["semantic"] + _semantic(semantic[row], union, scored)
     sums["class"] = sigmoid_focal_loss(
         logits.reshape(-1, 1), labels.reshape(-1, 1), 1, spec.focal_alpha, spec.focal_gamma
     )
@@ -140,9 +151,10 @@ def _resized(masks: torch.Tensor, size: torch.Size | tuple[int, int]) -> torch.T
     return F.interpolate(masks[:, None].float(), size=tuple(size), mode="bilinear")[:, 0]
 
 
-def _semantic(logits: torch.Tensor, union: torch.Tensor) -> torch.Tensor:
-    """Per-pixel BCE (mean) + Dice of the union mask, at the target's frame."""
-    full = _resized(logits[None], union.shape)[0]
-    truth = union.float()
+def _semantic(logits: torch.Tensor, union: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
+    """Per-pixel BCE (mean) + Dice of the union mask over the `scored` pixels (flat indices)
+    of the target's frame."""
+    full = _resized(logits[None], union.shape)[0].reshape(-1)[scored]
+    truth = union.float().reshape(-1)[scored]
     bce = F.binary_cross_entropy_with_logits(full, truth)
-    return bce + dice_loss(full.reshape(1, -1), truth.reshape(1, -1), 1)
+    return bce + dice_loss(full[None], truth[None], 1)
