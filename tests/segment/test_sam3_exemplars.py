@@ -61,6 +61,7 @@ def test_the_model_sees_the_exemplars() -> None:
 
 
 def test_training_with_exemplars_feeds_ground_truth_boxes(tmp_path: Path) -> None:
+    """The run also turns on the auxiliary decoder-layer losses (one short run for both)."""
     data = generate(tmp_path / "data", count=2, size=64, widths=(6, 7))
     cfg = load_config(
         TINY,
@@ -69,6 +70,7 @@ def test_training_with_exemplars_feeds_ground_truth_boxes(tmp_path: Path) -> Non
             f"data.val={data / 'train'}",
             f"output_dir={tmp_path / 'runs'}",
             "task.sam3.exemplars=1",
+            "task.sam3.loss.aux=true",
             "train.max_steps=2",
             "eval.every_steps=2",
         ],
@@ -86,6 +88,7 @@ def test_training_with_exemplars_feeds_ground_truth_boxes(tmp_path: Path) -> Non
     result = api.train(cfg)
     records = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert records and all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
+    assert all(r["loss.aux_class"] > 0 for r in records)
 
 
 def test_roi_align_averages_bilinear_samples_as_torchvision_defines() -> None:

@@ -147,6 +147,11 @@ class Sam3LossConfig(Section):
     match_mask: float = Field(default=0.0, ge=0, description="Dice cost; 0 = boxes only.")
     focal_alpha: float = Field(default=0.25, gt=0, lt=1)
     focal_gamma: float = Field(default=2.0, ge=0)
+    aux: bool = Field(
+        default=False,
+        description="Also match and score every earlier DETR decoder layer's boxes and classes "
+        "(class, box L1, GIoU at the same weights; logged as loss.aux_*).",
+    )
 
 
 class Sam3Options(Section):

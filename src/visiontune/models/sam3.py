@@ -28,6 +28,7 @@ from visiontune.errors import ConfigError
 from visiontune.models.load import build_config, enable_checkpointing, load_model
 from visiontune.models.lora import keep_trainable_fp32, merged, resolve_targets, unwrap
 from visiontune.models.roi_align import install_roi_align
+from visiontune.models.sam3_layers import DecoderLayerOutputs
 from visiontune.task import ModelAdapter, Outputs, TrainableRow
 
 log = logging.getLogger(__name__)
@@ -196,7 +197,9 @@ class Sam3Adapter(ModelAdapter):
     input_boxes_labels=None, cache_keys=None)`: one row per (image, prompt); box exemplars
     as `box_prompts` makes them. Outputs in fp32:
     `pred_masks` [B, Q, h, w] logits, `pred_boxes` [B, Q, 4] (x1, y1, x2, y2 in [0, 1]),
-    `pred_logits` [B, Q], `presence_logits` [B], `semantic_seg` [B, h, w] logits.
+    `pred_logits` [B, Q], `presence_logits` [B], `semantic_seg` [B, h, w] logits; with
+    `task.sam3.loss.aux` also `aux_logits` [L-1, B, Q] and `aux_boxes` [L-1, B, Q, 4] of the
+    decoder layers before the last.
     """
 
     def __init__(self, cfg: Config, cache: str, cache_dir: Path | None) -> None:
@@ -211,6 +214,7 @@ class Sam3Adapter(ModelAdapter):
         self.base_model_id = cfg.model.name_or_path
         self.num_queries = int(self.sam3.config.detr_decoder_config.num_queries)
         self.cache = self._cache(cache, cache_dir)
+        self.decoder_layers = DecoderLayerOutputs(self.sam3) if options.loss.aux else None
         if install_roi_align():
             log.info("torchvision not importable: box exemplars pool with visiontune's RoIAlign")
 
@@ -255,13 +259,17 @@ class Sam3Adapter(ModelAdapter):
             input_boxes_labels=input_boxes_labels,
         )
         semantic = out.semantic_seg
-        return {
+        outputs = {
             "pred_masks": out.pred_masks.float(),
             "pred_boxes": out.pred_boxes.float(),
             "pred_logits": out.pred_logits.float(),
             "presence_logits": out.presence_logits.float().reshape(-1),
             "semantic_seg": semantic[:, 0].float() if semantic is not None else None,
         }
+        if self.decoder_layers is not None:
+            logits, boxes = self.decoder_layers.layers()
+            outputs["aux_logits"], outputs["aux_boxes"] = logits[:-1].float(), boxes[:-1].float()
+        return outputs
 
     def vision_embeds(self, pixel_values: torch.Tensor, cache_keys: list[str] | None = None) -> Any:
         """The vision encoder's output; the frozen trunk's part from the cache when it serves."""

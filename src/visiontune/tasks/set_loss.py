@@ -32,6 +32,7 @@ from visiontune.config.tasks import Sam3LossConfig
 from visiontune.task import LossOut, Outputs
 
 TERMS = ("class", "box_l1", "giou", "mask_focal", "dice", "presence", "semantic")
+AUX_TERMS = ("aux_class", "aux_box_l1", "aux_giou")  # with `aux`: the earlier decoder layers
 
 
 @dataclass
@@ -140,9 +141,38 @@ def set_loss(outputs: Outputs, targets: InstanceTargets, spec: Sam3LossConfig) -
         "semantic": spec.semantic_weight,
     }
     weighted = {name: weights[name] * sums[name] for name in TERMS}
+    if spec.aux and "aux_logits" in outputs:
+        aux = aux_terms(outputs["aux_logits"], outputs["aux_boxes"], targets, spec)
+        weighted.update({f"aux_{name}": weights[name] * aux[name] for name in aux})
     total = sum(weighted.values(), logits.new_zeros(()))
     parts = {name: value.detach() for name, value in weighted.items()}
     return LossOut(total, int(len(targets.owner)), parts)
+
+
+def aux_terms(
+    layer_logits: torch.Tensor,
+    layer_boxes: torch.Tensor,
+    targets: InstanceTargets,
+    spec: Sam3LossConfig,
+) -> dict[str, torch.Tensor]:
+    """Class focal, box L1 and GIoU sums of the earlier decoder layers ([L, B, Q] logits,
+    [L, B, Q, 4] boxes), each layer matched on its own as DETR's auxiliary losses are."""
+    sums = {name: layer_logits.new_zeros(()) for name in ("class", "box_l1", "giou")}
+    for logits, boxes in zip(layer_logits, layer_boxes, strict=True):
+        labels = torch.zeros_like(logits)
+        for row in range(len(logits)):
+            _, truth_boxes = targets.of(row)
+            if len(truth_boxes):
+                q, t = match(logits[row], boxes[row], None, truth_boxes, None, spec)
+                labels[row, q] = 1.0
+                pred, goal = boxes[row, q], truth_boxes[t]
+                sums["box_l1"] = sums["box_l1"] + (pred - goal).abs().sum()
+                giou = torch.diag(generalized_box_iou(pred, goal))
+                sums["giou"] = sums["giou"] + (1 - giou).sum()
+        sums["class"] = sums["class"] + sigmoid_focal_loss(
+            logits.reshape(-1, 1), labels.reshape(-1, 1), 1, spec.focal_alpha, spec.focal_gamma
+        )
+    return sums
 
 
 def _resized(masks: torch.Tensor, size: torch.Size | tuple[int, int]) -> torch.Tensor:
