@@ -2,8 +2,9 @@
 
 transformers' `Sam3Model.forward` computes a box and a score for every query at every decoder
 layer (`box_head` on all of `intermediate_hidden_states`, `dot_product_scoring` on all of
-them) and returns only the last layer's; `output_hidden_states` does not help (the decoder's
-`hidden_states` field stays empty). The tensors themselves pass through three submodules,
+them) and returns only the last layer's. `output_hidden_states` returns the layers' raw
+states, but scoring them again needs the DETR encoder's text features, which are not
+returned. The computed tensors themselves pass through three submodules,
 so forward hooks on them pick them up, with their autograd graph, at no extra compute:
 the decoder's output (reference boxes per layer), the last `box_head` call (all layers'
 box offsets) and `dot_product_scoring`'s output (all layers' logits). The boxes are then put
