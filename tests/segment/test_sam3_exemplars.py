@@ -102,3 +102,14 @@ def test_roi_align_averages_bilinear_samples_as_torchvision_defines() -> None:
     # 4 x 2 samples: x = 6.5, 7.5 (clamped to 7), 8.5, 9.5 (beyond width 8: 0); y = 0.5, 1.5
     inside = [(x, y) for x in (6.5, 7.0) for y in (0.5, 1.5)]
     assert torch.allclose(edge[0], torch.tensor([[sum(x + 10 * y for x, y in inside) / 8]]))
+
+
+def test_cli_boxes_are_four_numbers() -> None:
+    import typer
+
+    from visiontune.cli import parse_box
+
+    assert parse_box("10,20.5,30,60") == [10.0, 20.5, 30.0, 60.0]
+    for bad in ("10,20,30", "a,b,c,d"):
+        with pytest.raises(typer.BadParameter, match="x1,y1,x2,y2"):
+            parse_box(bad)
