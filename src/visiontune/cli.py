@@ -320,6 +320,12 @@ def predict(
     mask_threshold: Annotated[
         float | None, typer.Option(help="SAM 3: mask logit cut-off (0.0 = probability 0.5).")
     ] = None,
+    box: Annotated[
+        list[str] | None, typer.Option(help="SAM 3: exemplar box x1,y1,x2,y2 in pixels.")
+    ] = None,
+    negative_box: Annotated[
+        list[str] | None, typer.Option(help="SAM 3: negative exemplar box x1,y1,x2,y2.")
+    ] = None,
 ) -> None:
     """Predict for image files or folders; writes predictions.json or .csv (and pictures)."""
     from visiontune import api
@@ -333,11 +339,26 @@ def predict(
     records = [{"image": str(f), "text": text or prompt} for f in files]
     cuts = {"score_threshold": score_threshold, "mask_threshold": mask_threshold}
     records = [{**r, **{k: v for k, v in cuts.items() if v is not None}} for r in records]
+    exemplars = [(b, 1) for b in box or []] + [(b, 0) for b in negative_box or []]
+    if exemplars:
+        boxes = [parse_box(b) for b, _ in exemplars]
+        records = [{**r, "boxes": boxes, "box_labels": [k for _, k in exemplars]} for r in records]
     results = api.predict(run, records, out, checkpoint=checkpoint)
     path = write_predictions(results, out, output_format)
     for result in results[:20]:
         typer.echo(json.dumps({k: v for k, v in result.items() if k != "probabilities"}))
     typer.echo(f"wrote {len(results)} predictions to {path}")
+
+
+def parse_box(text: str) -> list[float]:
+    """`x1,y1,x2,y2` as four numbers, or an error naming the option."""
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != 4:
+        raise typer.BadParameter(f"--box {text!r}: give x1,y1,x2,y2 (four numbers)")
+    return values
 
 
 Root = Annotated[Path, typer.Option("--root", help="The runs root (a config's output_dir).")]

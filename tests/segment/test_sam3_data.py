@@ -116,6 +116,26 @@ def test_an_image_whose_instances_are_all_ignore_is_skipped(tmp_path: Path) -> N
     assert isinstance(sample, Skipped) and "ignore" in sample.reason
 
 
+def test_ignore_shapes_become_the_samples_ignore_region(tmp_path: Path) -> None:
+    """A target rect at x 1..4 and an ignore rect at x 8..11 (rows 2..6) in a 20 x 20 image:
+    the ignore region is exactly the ignore rect, at the original size and, at the 32 px
+    frame, where any of it lies (x 12..19, y 3..11: pixel k covers [k * 20/32, (k+1) * 20/32))."""
+    labelme_file(tmp_path / "lm", [rect(1, 1), rect(8, None, "ignore")])
+    records = read_instances(
+        "labelme", "data.train", tmp_path / "lm", options(prompts={"crack": "crack"}), []
+    )
+    sample = dataset(records)[0]
+    assert not isinstance(sample, Skipped)
+    full = sample["eval_ignore"]
+    expected = torch.zeros(20, 20, dtype=torch.bool)
+    expected[2:7, 8:12] = True
+    assert torch.equal(full, expected)
+    frame = torch.zeros(32, 32, dtype=torch.bool)
+    frame[3:12, 12:20] = True
+    assert torch.equal(sample["ignore"], frame)
+    assert not (sample["ignore"] & sample["masks"].any(0)).any()
+
+
 def test_more_instances_than_queries_is_an_error_or_a_named_truncation(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -102,3 +102,43 @@ def test_an_image_without_instances_is_a_negative_example() -> None:
     assert float(out.parts["box_l1"]) == 0.0 and float(out.parts["dice"]) == 0.0
     assert math.isclose(float(out.parts["presence"]), math.log(2), rel_tol=1e-6)
     assert float(out.parts["class"]) > 0
+
+
+def test_ignore_pixels_count_nowhere_in_the_mask_and_semantic_terms() -> None:
+    """A 4x4 target in a 16x16 frame, every logit 0 (p = 1/2) except a 3x16 ignore band
+    where the prediction is wildly wrong (+5): with the band ignored the terms are the
+    hand-computed ones over the 208 scored pixels, as if the band were not there."""
+    truth = square(2, 2, 4)
+    ignore = torch.zeros(FRAME, FRAME, dtype=torch.bool)
+    ignore[10:13] = True
+    logits = torch.where(ignore, 5.0, 0.0)
+    outputs = outputs_for(mask_boxes(truth[None]), torch.zeros(1))
+    outputs["pred_masks"] = logits[None, None]
+    outputs["semantic_seg"] = logits[None]
+    spec = Sam3LossConfig()
+    stack = truth[None]
+    scored = set_loss(
+        outputs, InstanceTargets(stack, mask_boxes(stack), torch.tensor([0]), ignore[None]), spec
+    )
+    plain = set_loss(outputs, targets([truth]), spec)
+    kept, on, alpha = FRAME * FRAME - 48, 16, spec.focal_alpha
+    focal = (on * alpha + (kept - on) * (1 - alpha)) * 0.25 * math.log(2) / kept
+    dice = 1 - (2 * 0.5 * on + 1) / (0.5 * kept + on + 1)
+    assert math.isclose(float(scored.parts["mask_focal"]), 5 * focal, rel_tol=1e-5)
+    assert math.isclose(float(scored.parts["dice"]), 5 * dice, rel_tol=1e-5)
+    assert math.isclose(float(scored.parts["semantic"]), math.log(2) + dice, rel_tol=1e-5)
+    assert float(plain.parts["mask_focal"]) > 2 * float(scored.parts["mask_focal"])
+
+
+def test_ignore_pixels_count_nowhere_in_the_union_metrics() -> None:
+    """Prediction = target plus a spill into the ignore band: IoU 1 with the band ignored."""
+    from visiontune.metrics.instances import semantic_counts, semantic_metrics
+
+    truth = square(2, 2, 4)
+    ignore = torch.zeros(FRAME, FRAME, dtype=torch.bool)
+    ignore[:, 8:] = True
+    spill = truth.clone()
+    spill[2:6, 8:12] = True
+    scores = semantic_metrics(semantic_counts(spill, truth, 0, ignore))
+    assert scores["iou"] == 1.0 and scores["boundary_f1"] == 1.0
+    assert semantic_metrics(semantic_counts(spill, truth, 0))["iou"] == 0.5

@@ -147,6 +147,11 @@ class Sam3LossConfig(Section):
     match_mask: float = Field(default=0.0, ge=0, description="Dice cost; 0 = boxes only.")
     focal_alpha: float = Field(default=0.25, gt=0, lt=1)
     focal_gamma: float = Field(default=2.0, ge=0)
+    aux: bool = Field(
+        default=False,
+        description="Also match and score every earlier DETR decoder layer's boxes and classes "
+        "(class, box L1, GIoU at the same weights; logged as loss.aux_*).",
+    )
 
 
 class Sam3Options(Section):
@@ -175,6 +180,13 @@ class Sam3Options(Section):
         "pixels is an instance, or each distinct pixel value.",
     )
     score_threshold: float = Field(default=0.5, ge=0, le=1, description="Predict/eval cut-off.")
+    exemplars: int = Field(
+        default=0,
+        ge=0,
+        description="Training only: up to this many of each image's ground-truth boxes, drawn "
+        "anew every epoch, go to the model as positive box exemplars beside the text (as SAM 3 "
+        "was trained); evaluation stays text-only, predict takes boxes per image.",
+    )
     loss: Sam3LossConfig = Sam3LossConfig()
 
 

@@ -221,10 +221,16 @@ class InstanceOptions:
     max_instances: int
     truncate: bool
     prompts: dict[str, str]
+    exemplars: int = 0
+    seed: int = 0
 
 
 class InstanceDataset(Dataset):
     """Records decoded on access into SAM 3 inputs and per-instance targets.
+
+    `ignore` pixels (255) of any instance form one per-sample ignore region (`ignore` at the
+    input frame, `eval_ignore` at the original size; target pixels never count as ignored)
+    that the loss and the union-mask metrics leave out.
 
     Instances that are empty (all ignore, or no pixel at all) are dropped, counted in
     `empty_instances` and named in the log; a record whose every instance is ignore comes
@@ -240,6 +246,7 @@ class InstanceDataset(Dataset):
         self.cache = cache
         self.empty_instances = 0
         self.augmented = False
+        self.epoch = 0
 
     @property
     def keys(self) -> list[str]:
@@ -249,7 +256,8 @@ class InstanceDataset(Dataset):
         return [r.image for r in self.records]
 
     def set_epoch(self, epoch: int) -> None:
-        """Samples do not depend on the epoch (no random augmentation)."""
+        """Only the drawn box exemplars depend on the epoch (pixels are never augmented)."""
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.records)
@@ -273,9 +281,14 @@ class InstanceDataset(Dataset):
         truth = self._limit(record, truth)
         stack = np.stack(truth) if truth else np.zeros((0, height, width), dtype=bool)
         frame = resize_any(stack, self.options.size)
+        ignore = np.zeros((height, width), dtype=bool)
+        for mask in rendered:
+            ignore |= mask == IGNORE
+        ignore &= ~stack.any(0)
         unit = pixels["frame"].float() / 255.0
         mean = torch.tensor(self.options.mean).view(3, 1, 1)
         std = torch.tensor(self.options.std).view(3, 1, 1)
+        boxes = mask_boxes(frame)
         return {
             "id": record.sample_id,
             "image_path": str(record.image),
@@ -283,9 +296,21 @@ class InstanceDataset(Dataset):
             "text": self.options.prompts.get(record.category, record.category),
             "pixel_values": (unit - mean) / std,
             "masks": frame,
-            "boxes": mask_boxes(frame),
+            "boxes": boxes,
+            "exemplar_boxes": boxes[self._exemplars(index, len(boxes))],
             "eval_masks": torch.from_numpy(stack),
+            "eval_ignore": torch.from_numpy(ignore),
+            "ignore": resize_any(ignore[None], self.options.size)[0] & ~frame.any(0),
         }
+
+    def _exemplars(self, index: int, count: int) -> torch.Tensor:
+        """Which instances are shown as exemplars: a different draw each epoch, the same for
+        the same (seed, epoch, sample) so that a resumed run sees what it would have seen."""
+        wanted = min(self.options.exemplars, count)
+        if wanted == 0:
+            return torch.zeros(0, dtype=torch.long)
+        rng = np.random.default_rng((self.options.seed, self.epoch, index))
+        return torch.from_numpy(np.sort(rng.choice(count, wanted, replace=False)))
 
     @staticmethod
     def _all_ignore(

@@ -116,14 +116,17 @@ def category_instance_metrics(
     return values
 
 
-def semantic_counts(pred: torch.Tensor, target: torch.Tensor, tolerance_px: int) -> torch.Tensor:
+def semantic_counts(
+    pred: torch.Tensor, target: torch.Tensor, tolerance_px: int, ignore: torch.Tensor | None = None
+) -> torch.Tensor:
     """Pixel and boundary counts of one union mask, int64 in `SEMANTIC_FIELDS` order.
 
     Counts (not ratios) so that a split sums them and `semantic_metrics` divides once: a
     per-image mean would let an image with a 20-pixel crack weigh as much as one with 2000.
     A boundary pixel matches when the other mask's boundary lies within `tolerance_px`
     (Chebyshev distance); a one-pixel crack is all boundary, so this is where a prediction
-    one pixel off is told apart from one that misses the crack.
+    one pixel off is told apart from one that misses the crack. Pixels in `ignore` count
+    nowhere; boundaries are found on the whole masks, so an ignore region's edge is no boundary.
     """
     if pred.ndim != 2 or pred.shape != target.shape:
         raise ValueError(
@@ -133,6 +136,11 @@ def semantic_counts(pred: torch.Tensor, target: torch.Tensor, tolerance_px: int)
         raise ValueError(f"tolerance_px must be >= 0, got {tolerance_px}")
     guess, truth = pred.bool().cpu(), target.bool().cpu()
     guess_edge, truth_edge = boundary(guess), boundary(truth)
+    if ignore is not None:
+        valid = ~ignore.bool().cpu()
+        guess, truth, guess_edge, truth_edge = (
+            m & valid for m in (guess, truth, guess_edge, truth_edge)
+        )
     counts = (
         guess & truth,
         guess | truth,

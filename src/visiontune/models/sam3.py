@@ -27,6 +27,8 @@ from visiontune.data.cache import FrozenFeatureCache, trunk_fingerprint
 from visiontune.errors import ConfigError
 from visiontune.models.load import build_config, enable_checkpointing, load_model
 from visiontune.models.lora import keep_trainable_fp32, merged, resolve_targets, unwrap
+from visiontune.models.roi_align import install_roi_align
+from visiontune.models.sam3_layers import DecoderLayerOutputs
 from visiontune.task import ModelAdapter, Outputs, TrainableRow
 
 log = logging.getLogger(__name__)
@@ -163,13 +165,41 @@ def apply_sam3_lora(model: nn.Module, lora: LoraConfig, options: Sam3Options) ->
     return keep_trainable_fp32(wrapped)
 
 
+PADDING_LABEL = -10  # what Sam3Model reads as "no box here" (Sam3Processor pads with it)
+
+
+def box_prompts(
+    boxes: list[torch.Tensor], labels: list[torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """Per-row exemplar boxes (x1, y1, x2, y2 in [0, 1], any count per row) as Sam3Model's
+    `input_boxes` (cx, cy, w, h, padded to the longest row) and `input_boxes_labels` (1 =
+    positive, 0 = negative, -10 = padding), as Sam3Processor builds them; {} when no row has
+    a box, so a text-only batch runs exactly as without exemplars."""
+    width = max((len(b) for b in boxes), default=0)
+    if width == 0:
+        return {}
+    rows = len(boxes)
+    packed = torch.zeros(rows, width, 4)
+    kinds = torch.full((rows, width), PADDING_LABEL, dtype=torch.long)
+    for row, xyxy in enumerate(boxes):
+        count = len(xyxy)
+        if count:
+            x1, y1, x2, y2 = xyxy.float().unbind(-1)
+            packed[row, :count] = torch.stack([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1], -1)
+            kinds[row, :count] = 1 if labels is None else labels[row].long()
+    return {"input_boxes": packed, "input_boxes_labels": kinds}
+
+
 class Sam3Adapter(ModelAdapter):
     """SAM 3 with LoRA; `forward` returns every query's mask, box, score and the presence.
 
     `forward(pixel_values, input_ids, attention_mask, input_boxes=None,
-    input_boxes_labels=None, cache_keys=None)`: one row per (image, prompt). Outputs in fp32:
+    input_boxes_labels=None, cache_keys=None)`: one row per (image, prompt); box exemplars
+    as `box_prompts` makes them. Outputs in fp32:
     `pred_masks` [B, Q, h, w] logits, `pred_boxes` [B, Q, 4] (x1, y1, x2, y2 in [0, 1]),
-    `pred_logits` [B, Q], `presence_logits` [B], `semantic_seg` [B, h, w] logits.
+    `pred_logits` [B, Q], `presence_logits` [B], `semantic_seg` [B, h, w] logits; with
+    `task.sam3.loss.aux` also `aux_logits` [L-1, B, Q] and `aux_boxes` [L-1, B, Q, 4] of the
+    decoder layers before the last.
     """
 
     def __init__(self, cfg: Config, cache: str, cache_dir: Path | None) -> None:
@@ -184,6 +214,9 @@ class Sam3Adapter(ModelAdapter):
         self.base_model_id = cfg.model.name_or_path
         self.num_queries = int(self.sam3.config.detr_decoder_config.num_queries)
         self.cache = self._cache(cache, cache_dir)
+        self.decoder_layers = DecoderLayerOutputs(self.sam3) if options.loss.aux else None
+        if install_roi_align():
+            log.info("torchvision not importable: box exemplars pool with visiontune's RoIAlign")
 
     @property
     def sam3(self) -> nn.Module:
@@ -226,13 +259,17 @@ class Sam3Adapter(ModelAdapter):
             input_boxes_labels=input_boxes_labels,
         )
         semantic = out.semantic_seg
-        return {
+        outputs = {
             "pred_masks": out.pred_masks.float(),
             "pred_boxes": out.pred_boxes.float(),
             "pred_logits": out.pred_logits.float(),
             "presence_logits": out.presence_logits.float().reshape(-1),
             "semantic_seg": semantic[:, 0].float() if semantic is not None else None,
         }
+        if self.decoder_layers is not None:
+            logits, boxes = self.decoder_layers.layers()
+            outputs["aux_logits"], outputs["aux_boxes"] = logits[:-1].float(), boxes[:-1].float()
+        return outputs
 
     def vision_embeds(self, pixel_values: torch.Tensor, cache_keys: list[str] | None = None) -> Any:
         """The vision encoder's output; the frozen trunk's part from the cache when it serves."""

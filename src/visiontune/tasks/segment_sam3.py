@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,7 @@ from visiontune.metrics.instances import (
     semantic_counts,
     semantic_metrics,
 )
-from visiontune.models.sam3 import Sam3Adapter, load_sam3_tokenizer, sam3_config
+from visiontune.models.sam3 import Sam3Adapter, box_prompts, load_sam3_tokenizer, sam3_config
 from visiontune.task import Batch, LossOut, Metrics, ModelAdapter, Outputs, Skipped, Splits
 from visiontune.tasks.sam3_pictures import instance_overlay
 from visiontune.tasks.segment_pictures import save_mask
@@ -115,8 +116,12 @@ class Sam3SegmentTask:
             self.opts.sam3.too_many_instances == "truncate",
             dict(self.opts.prompts),
         )
+        shown = replace(options, exemplars=self.opts.sam3.exemplars, seed=self.cfg.train.seed)
         cache = PixelCache.from_config(data, self.signature)
-        made = {s: InstanceDataset(r, options, cache) for s, r in records.items()}
+        made = {
+            s: InstanceDataset(r, shown if s == "train" else options, cache)
+            for s, r in records.items()
+        }
         self._splits = Splits(made["train"], made.get("val"), made.get("test"))
         return self._splits
 
@@ -148,6 +153,7 @@ class Sam3SegmentTask:
         inputs: dict[str, Any] = {
             "pixel_values": torch.stack([s["pixel_values"] for s in good]),
             **self._tokens([s["text"] for s in good]),
+            **box_prompts([s["exemplar_boxes"] for s in good]),
             "cache_keys": [image_key(p, self.signature) for p in paths],
         }
         owner = [b for b, s in enumerate(good) for _ in range(len(s["masks"]))]
@@ -155,9 +161,11 @@ class Sam3SegmentTask:
             "masks": torch.cat([s["masks"] for s in good]),
             "boxes": torch.cat([s["boxes"] for s in good]),
             "owner": torch.tensor(owner, dtype=torch.long),
+            "ignore": torch.stack([s["ignore"] for s in good]),
         }
         extras = {
             "eval_masks": [s["eval_masks"] for s in good],
+            "eval_ignore": [s["eval_ignore"] for s in good],
             "categories": [s["category"] for s in good],
             "image_paths": paths,
         }
@@ -171,7 +179,9 @@ class Sam3SegmentTask:
     def loss(self, outputs: Outputs, batch: Batch) -> LossOut:
         t = batch.targets
         return set_loss(
-            outputs, InstanceTargets(t["masks"], t["boxes"], t["owner"]), self.opts.sam3.loss
+            outputs,
+            InstanceTargets(t["masks"], t["boxes"], t["owner"], t["ignore"]),
+            self.opts.sam3.loss,
         )
 
     # --- evaluation and prediction ----------------------------------------------------------
@@ -227,7 +237,11 @@ class Sam3SegmentTask:
             array = np.asarray(square, dtype=np.float32) / 255.0
             unit = torch.from_numpy(array).permute(2, 0, 1)
             pixels = ((unit - MEAN[0]) / STD[0])[None].expand(len(texts), -1, -1, -1)
-            inputs_ = {"pixel_values": pixels.contiguous(), **self._tokens(texts)}
+            inputs_ = {
+                "pixel_values": pixels.contiguous(),
+                **self._tokens(texts),
+                **given_boxes(item, image.width, image.height, len(texts)),
+            }
             extras = {"item": item, "image": image, "index": index, "texts": texts}
             yield Batch(inputs_, [str(path)] * len(texts), extras=extras)
 
@@ -296,7 +310,12 @@ class Sam3Meter:
             self.targets.append({"masks": truth.bool(), "labels": torch.full((len(truth),), label)})
             kept = scores >= cut
             union = masks[kept].any(0)
-            self.semantic += semantic_counts(union, truth.any(0), task.opts.boundary_tolerance)
+            self.semantic += semantic_counts(
+                union,
+                truth.any(0),
+                task.opts.boundary_tolerance,
+                batch.extras["eval_ignore"][row],
+            )
             self.counts[0].append(int(kept.sum()))
             self.counts[1].append(len(truth))
             if len(task.examples) < task.opts.figures:
@@ -318,3 +337,22 @@ class Sam3Meter:
             scalars.update(semantic_metrics(self.semantic))
             scalars["count_error"] = count_error(*self.counts)
         return Metrics(scalars)
+
+
+def given_boxes(item: dict[str, Any], width: int, height: int, rows: int) -> dict[str, Any]:
+    """A predict item's exemplar boxes (`boxes`: [[x1, y1, x2, y2], ...] in the image's
+    pixels, as Sam3Processor takes them; `box_labels`: 1 positive, 0 negative, default all
+    positive) for each of its `rows` prompts."""
+    boxes = item.get("boxes") or []
+    labels = item.get("box_labels") or [1] * len(boxes)
+    where = f"{item['image']}: boxes"
+    if len(labels) != len(boxes) or any(label not in (0, 1) for label in labels):
+        raise VisiontuneError(f"{where}: one label per box, each 1 (positive) or 0 (negative)")
+    for box in boxes:
+        if len(box) != 4 or not (box[0] < box[2] and box[1] < box[3]):
+            raise VisiontuneError(f"{where}: {box} is not x1, y1, x2, y2 with x1 < x2, y1 < y2")
+    if not boxes:
+        return {}
+    scale = torch.tensor([width, height, width, height], dtype=torch.float32)
+    unit = (torch.tensor(boxes, dtype=torch.float32) / scale).clamp(0, 1)
+    return box_prompts([unit] * rows, [torch.tensor(labels)] * rows)
