@@ -181,12 +181,15 @@ def load_shards(adapter: nn.Module, optimizer: torch.optim.Optimizer, directory:
     model_state, optim_state = get_state_dict(adapter, optimizer, options=_options())
     state = {"model": model_state, "optim": optim_state}
     dcp.load(state, checkpoint_id=directory)
+    # not strict: the frozen parameters are absent by design (dcp.load above already failed
+    # on any trainable tensor the checkpoint lacks)
+    options = StateDictOptions(ignore_frozen_params=True, strict=False)
     set_state_dict(
         adapter,
         optimizer,
         model_state_dict=state["model"],
         optim_state_dict=state["optim"],
-        options=_options(),
+        options=options,
     )
 
 
