@@ -23,13 +23,16 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from torch import nn
+from transformers import ViTConfig, ViTModel
 from typer.testing import CliRunner
 
-from tests.conftest import make_imagefolder, tiny_config
+from tests.conftest import TINY_VIT, make_imagefolder, tiny_config
 from visiontune import api
 from visiontune.cli import app
 from visiontune.config.schema import Config
 from visiontune.engine import checkpoint as ckpt
+from visiontune.engine.fsdp import blocks
 from visiontune.engine.state import WEIGHTS
 from visiontune.errors import ConfigError
 from visiontune.runs.rundir import read_jsonl
@@ -89,7 +92,7 @@ def fsdp_config(images: Path, out: Path, micro: int = 2, strategy: str = "fsdp")
 def fsdp_two(images: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     cfg = fsdp_config(images, tmp_path_factory.mktemp("fsdp_two"))
     out = finish(launch(cfg, 2))
-    assert "FSDP2: 2 blocks sharded over 2 ranks" in out
+    assert "FSDP2: 2 blocks sharded over 2 ranks, gathered in the parameters' dtype" in out
     return cfg.run_dir
 
 
@@ -152,3 +155,21 @@ def test_a_two_rank_fsdp_run_stopped_by_a_signal_resumes_on_one_rank(
 def test_fsdp_without_several_processes_says_how_to_launch(images: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"train.strategy: fsdp .* --nproc N"):
         api.train(fsdp_config(images, tmp_path))
+
+
+def test_blocks_are_the_layers_of_module_lists_deepest_first() -> None:
+    vit = ViTModel(ViTConfig(**{k: v for k, v in TINY_VIT.items() if k != "model_type"}))
+    assert blocks(vit) == list(reversed(vit.layers))  # ViTLayer x 2, not the MLPs
+
+    class InnerLayer(nn.Linear):
+        pass
+
+    class OuterBlock(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = nn.ModuleList([InnerLayer(2, 2)])
+
+    outer = nn.ModuleList([OuterBlock(), nn.Linear(2, 2)])  # a plain Linear is no block
+    found = blocks(nn.Sequential(outer))
+    # fully_shard wraps nested units before the units that contain them
+    assert found == [outer[0].inner[0], outer[0]]

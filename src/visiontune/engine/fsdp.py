@@ -99,7 +99,10 @@ def shard(adapter: nn.Module, cfg: Config, task: Any) -> nn.Module:
     for unit in units:
         fully_shard(unit, mp_policy=policy)
     fully_shard(adapter, mp_policy=policy)
-    log.info("FSDP2: %d blocks sharded over %d ranks", len(units), dist.get_world_size())
+    log.info(
+        "FSDP2: %d blocks sharded over %d ranks, gathered in %s",
+        len(units), dist.get_world_size(), policy.param_dtype or "the parameters' dtype",
+    )  # fmt: skip
     return adapter
 
 
