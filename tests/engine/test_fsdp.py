@@ -36,7 +36,7 @@ from visiontune.config.schema import Config
 from visiontune.engine import checkpoint as ckpt
 from visiontune.engine.fsdp import blocks
 from visiontune.engine.state import WEIGHTS
-from visiontune.errors import ConfigError
+from visiontune.errors import ConfigError, TrainingError
 from visiontune.runs.rundir import read_jsonl
 
 SRC = Path(__file__).resolve().parents[2] / "src"
@@ -192,3 +192,13 @@ def test_blocks_are_the_layers_of_module_lists_deepest_first() -> None:
     found = blocks(nn.Sequential(outer))
     # fully_shard wraps nested units before the units that contain them
     assert found == [outer[0].inner[0], outer[0]]
+
+
+def test_a_sharded_checkpoint_resumed_without_fsdp_says_what_works(
+    fsdp_two: Path, images: Path, tmp_path: Path
+) -> None:
+    shutil.copytree(fsdp_two.parent, tmp_path / "copy")
+    cfg = fsdp_config(images, tmp_path / "copy", strategy="ddp").model_copy(deep=True)
+    cfg.train.max_steps = 8
+    with pytest.raises(TrainingError, match=r"written by train.strategy: fsdp .* --nproc N"):
+        api.train(cfg, resume=True)

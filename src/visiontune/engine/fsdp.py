@@ -41,6 +41,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from visiontune.config.schema import Config
 from visiontune.engine import checkpoint as ckpt
+from visiontune.engine.state import checkpoint_tensors
 from visiontune.errors import ConfigError, TrainingError
 
 log = logging.getLogger(__name__)
@@ -122,12 +123,14 @@ def total_norm(norm: torch.Tensor) -> float:
 # ---- weights and checkpoints -------------------------------------------------------------
 
 
-def full_weights(adapter: nn.Module, wanted: set[str]) -> dict[str, torch.Tensor] | None:
-    """The trainable tensors (names in `wanted`) gathered whole onto rank 0's CPU; every rank
-    calls it. None without FSDP; an empty dict on the other ranks. Frozen parameters are never
-    gathered: they are the part that does not fit."""
+def full_weights(adapter: nn.Module) -> dict[str, torch.Tensor] | None:
+    """The checkpoint tensors (`state.checkpoint_tensors`: trainable parameters and their
+    modules' buffers) gathered whole onto rank 0's CPU; every rank calls it. None without
+    FSDP; an empty dict on the other ranks. Frozen parameters are never gathered: they are
+    the part that does not fit."""
     if not sharded(adapter):
         return None
+    wanted = set(checkpoint_tensors(adapter))
     options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
     state = get_model_state_dict(adapter, options=options)
     return {name: tensor.contiguous() for name, tensor in state.items() if name in wanted}
@@ -137,16 +140,18 @@ def _options() -> StateDictOptions:
     return StateDictOptions(ignore_frozen_params=True)
 
 
-def save_shards(adapter: nn.Module, optimizer: torch.optim.Optimizer, final: Path) -> Path:
+def save_shards(adapter: nn.Module, optimizer: torch.optim.Optimizer, final: Path) -> Path | None:
     """Every rank writes its shard of the trainable weights and optimizer state into a staging
     directory beside `final`; returns it once every rank has finished (DCP's save ends with
-    rank 0 writing `.metadata` after gathering every rank's write results).
+    rank 0 writing `.metadata` after gathering every rank's write results). None without FSDP.
 
     The staging name is a `.tmp-` leftover to `checkpoint.clean_stale` and `prune`, so a save
     killed here leaves nothing that looks like a checkpoint. Rank 0 then moves the files into
     the checkpoint it writes with `write_atomically`, whose manifest, written last, lists every
     shard: a checkpoint missing a rank's shard fails `verify` like any damaged one.
     """
+    if not sharded(adapter):
+        return None
     name = [f"{ckpt.TMP_PREFIX}{final.name}-shards-{os.getpid()}-{time.time_ns()}"]
     dist.broadcast_object_list(name, src=0)
     staging = final.parent / name[0]

@@ -395,14 +395,8 @@ class Loop:
         )
         (directory / "config.yaml").write_text(dump_yaml(self.cfg))
 
-    def full_weights(self) -> dict[str, torch.Tensor] | None:
-        """Under FSDP, the trainable tensors gathered onto rank 0 (every rank calls this)."""
-        return fsdp.full_weights(
-            self.runner.adapter, set(st.checkpoint_tensors(self.runner.adapter))
-        )
-
     def save_best(self) -> None:
-        tensors = self.full_weights()
+        tensors = fsdp.full_weights(self.runner.model)  # FSDP: gathered whole onto rank 0
         if not self.main:
             return
         ckpt.write_atomically(
@@ -428,9 +422,8 @@ class Loop:
         self.state.world_size = distributed.world_size()
         rngs = distributed.gather(ckpt.rng_state())
         path = self.rundir.checkpoints / f"{ckpt.STEP_PREFIX}{self.state.step:08d}"
-        tensors = self.full_weights()
-        sharded = fsdp.sharded(self.runner.model)
-        shards = fsdp.save_shards(self.runner.adapter, self.optimizer, path) if sharded else None
+        tensors = fsdp.full_weights(self.runner.model)
+        shards = fsdp.save_shards(self.runner.model, self.optimizer, path)
 
         def fill(directory: Path) -> None:
             self.write_weights(directory, False, tensors)
