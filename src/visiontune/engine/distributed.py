@@ -139,7 +139,7 @@ def resolve_batch(cfg: Config, world: int) -> Config:
 # ---- training ---------------------------------------------------------------------------------
 
 
-def wrap(adapter: nn.Module, cfg: Config | None = None, task: Any = None) -> nn.Module:
+def wrap(adapter: nn.Module, cfg: Config | None = None) -> nn.Module:
     """The adapter inside DDP, sharded by FSDP2 under `train.strategy: fsdp` (engine/fsdp.py),
     or itself in a single process.
 
@@ -163,7 +163,7 @@ def wrap(adapter: nn.Module, cfg: Config | None = None, task: Any = None) -> nn.
                     "`visiontune train CFG --nproc N` or under torchrun (N may be 1)"
                 ]
             )
-        return fsdp.shard(adapter, cfg, task)  # type: ignore[arg-type]
+        return fsdp.shard(adapter, cfg)  # type: ignore[arg-type]
     if not active():
         return adapter
     device_ids = [torch.cuda.current_device()] if torch.cuda.is_available() else None

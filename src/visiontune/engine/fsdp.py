@@ -8,7 +8,8 @@ ranks exactly as DDP's all-reduce is (so the loop's loss scaling is the same for
 
 What differs from DDP, and lives here as small hooks the loop and runner call:
 
-- `shard`: the wrapping, with a bf16 MixedPrecisionPolicy when the run's precision is bf16;
+- `shard`: the wrapping, with a bf16 MixedPrecisionPolicy when the run's precision is bf16,
+  and the adapter's `generate` registered as a forward (it must all-gather the root unit too);
 - `full_weights`: the trainable tensors gathered to rank 0 (a collective), from which rank 0
   writes trainable.safetensors and the standard PEFT adapter files of `best/` and checkpoints;
 - `save_shards` / `load_shards`: the trainable weights and the optimizer state written by every
@@ -37,7 +38,12 @@ from torch.distributed.checkpoint.state_dict import (
     get_state_dict,
     set_state_dict,
 )
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import (
+    FSDPModule,
+    MixedPrecisionPolicy,
+    fully_shard,
+    register_fsdp_forward_method,
+)
 
 from visiontune.config.schema import Config
 from visiontune.engine import checkpoint as ckpt
@@ -74,15 +80,8 @@ def blocks(model: nn.Module) -> list[nn.Module]:
     return list(reversed(found))
 
 
-def shard(adapter: nn.Module, cfg: Config, task: Any) -> nn.Module:
+def shard(adapter: nn.Module, cfg: Config) -> nn.Module:
     """`fully_shard` on every block, then on the adapter (the unit of everything else)."""
-    if getattr(task, "generation_inputs", None) is not None:
-        raise ConfigError(
-            [
-                "train.strategy: fsdp does not evaluate generative tasks (generation runs a "
-                "different number of forwards on each rank); use train.strategy: ddp"
-            ]
-        )
     units = blocks(adapter)
     if not units:
         raise ConfigError(
@@ -100,6 +99,8 @@ def shard(adapter: nn.Module, cfg: Config, task: Any) -> nn.Module:
     for unit in units:
         fully_shard(unit, mp_policy=policy)
     fully_shard(adapter, mp_policy=policy)
+    if hasattr(adapter, "generate"):  # evaluation of generative tasks calls it, not forward
+        register_fsdp_forward_method(adapter, "generate")
     log.info(
         "FSDP2: %d blocks sharded over %d ranks, gathered in %s",
         len(units), dist.get_world_size(), policy.param_dtype or "the parameters' dtype",

@@ -65,7 +65,7 @@ class Loop:
         self.cfg, self.task, self.runner, self.splits, self.rundir = cfg, task, runner, splits, run
         self.device = runner.device
         # before the optimizer: FSDP replaces the parameters with sharded ones
-        runner.model = distributed.wrap(runner.adapter, cfg, task)
+        runner.model = distributed.wrap(runner.adapter, cfg)
         self.params = [p for p in runner.adapter.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(runner.adapter, cfg.optim)
         self.order = DataOrder(
