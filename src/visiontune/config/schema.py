@@ -193,6 +193,12 @@ class TrainConfig(Section):
     )
     detect_anomaly: bool = False
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    strategy: Literal["ddp", "fsdp"] = Field(
+        default="ddp",
+        description="Under torchrun/--nproc: ddp replicates the model on every rank; fsdp "
+        "shards every transformer block over the ranks (FSDP2), for a frozen base that does "
+        "not fit one GPU.",
+    )
     plan: bool = Field(
         default=False,
         description="Measure a few real steps in a separate process before training (as "

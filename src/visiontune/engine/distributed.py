@@ -33,6 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset, Subset
 
 from visiontune.config.schema import Config, TrainConfig
+from visiontune.engine import fsdp
 from visiontune.errors import ConfigError, TrainingError
 
 log = logging.getLogger(__name__)
@@ -138,8 +139,9 @@ def resolve_batch(cfg: Config, world: int) -> Config:
 # ---- training ---------------------------------------------------------------------------------
 
 
-def wrap(adapter: nn.Module) -> nn.Module:
-    """The adapter inside DDP, or itself in a single process.
+def wrap(adapter: nn.Module, cfg: Config | None = None) -> nn.Module:
+    """The adapter inside DDP, sharded by FSDP2 under `train.strategy: fsdp` (engine/fsdp.py),
+    or itself in a single process.
 
     `find_unused_parameters=True`: a trainable parameter without a gradient in some step (LoRA
     on a vision tower when a batch holds no image, a head a task does not call every step)
@@ -152,6 +154,16 @@ def wrap(adapter: nn.Module) -> nn.Module:
     statistics, and a buffer broadcast in every forward would tie evaluation, whose shards
     differ in length across ranks, to a collective.
     """
+    strategy = cfg.train.strategy if cfg is not None else "ddp"
+    if strategy == "fsdp":
+        if not active():
+            raise ConfigError(
+                [
+                    "train.strategy: fsdp shards the model over several processes: run "
+                    "`visiontune train CFG --nproc N` or under torchrun (N may be 1)"
+                ]
+            )
+        return fsdp.shard(adapter, cfg)  # type: ignore[arg-type]
     if not active():
         return adapter
     device_ids = [torch.cuda.current_device()] if torch.cuda.is_available() else None
@@ -168,7 +180,10 @@ def wrap(adapter: nn.Module) -> nn.Module:
 
 def gradient_sync(model: nn.Module, sync: bool) -> Any:
     """DDP's no_sync() unless `sync`: gradients are all-reduced once per window, at its last
-    micro-batch's backward."""
+    micro-batch's backward (FSDP: reduce-scattered then)."""
+    if fsdp.sharded(model):
+        fsdp.set_gradient_sync(model, sync)
+        return nullcontext()
     if isinstance(model, DistributedDataParallel) and not sync:
         return model.no_sync()
     return nullcontext()

@@ -29,7 +29,7 @@ from torch.utils.data import Dataset
 from visiontune.config.load import config_hash, dump_yaml, load_config
 from visiontune.config.schema import Config, parse_duration
 from visiontune.engine import checkpoint as ckpt
-from visiontune.engine import distributed
+from visiontune.engine import distributed, fsdp
 from visiontune.engine import state as st
 from visiontune.engine.loader import TrainLoader
 from visiontune.engine.optim import build_optimizer, build_scheduler
@@ -64,6 +64,8 @@ class Loop:
     ) -> None:
         self.cfg, self.task, self.runner, self.splits, self.rundir = cfg, task, runner, splits, run
         self.device = runner.device
+        # before the optimizer: FSDP replaces the parameters with sharded ones
+        runner.model = distributed.wrap(runner.adapter, cfg)
         self.params = [p for p in runner.adapter.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(runner.adapter, cfg.optim)
         self.order = DataOrder(
@@ -76,7 +78,6 @@ class Loop:
             world_size=distributed.world_size(),
         )
         self.main = distributed.is_main()  # rank 0 alone writes into the run directory
-        runner.model = distributed.wrap(runner.adapter)
         self.updates_per_epoch = math.ceil(
             self.order.batches_per_epoch / cfg.train.grad_accum_steps
         )
@@ -214,7 +215,7 @@ class Loop:
             world = distributed.world_size()
             torch._foreach_mul_(grads, divisor * world / count.clamp(min=1))
         max_norm = self.cfg.train.max_grad_norm or math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        grad_norm = fsdp.total_norm(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
         lr = self.optimizer.param_groups[0]["lr"]
         applied = precision.step(self.optimizer)
         if applied:  # an fp16 overflow skips the update, and so does not advance the schedule
@@ -386,18 +387,21 @@ class Loop:
 
     # ---- checkpoints -----------------------------------------------------------------------
 
-    def write_weights(self, directory: Path, model_card: bool) -> None:
+    def write_weights(
+        self, directory: Path, model_card: bool, tensors: dict[str, torch.Tensor] | None
+    ) -> None:
         st.write_weights(
-            self.runner.adapter, directory, self.cfg.model.name_or_path, model_card=model_card
+            self.runner.adapter, directory, self.cfg.model.name_or_path, model_card, tensors
         )
         (directory / "config.yaml").write_text(dump_yaml(self.cfg))
 
     def save_best(self) -> None:
+        tensors = fsdp.full_weights(self.runner.model)  # FSDP: gathered whole onto rank 0
         if not self.main:
             return
         ckpt.write_atomically(
             self.rundir.best,
-            lambda directory: self.write_weights(directory, model_card=True),
+            lambda directory: self.write_weights(directory, True, tensors),
             {"step": self.state.step},
         )
         if self.remote:
@@ -417,10 +421,16 @@ class Loop:
         state, manifest last; the other ranks wait at a barrier until it is complete."""
         self.state.world_size = distributed.world_size()
         rngs = distributed.gather(ckpt.rng_state())
+        path = self.rundir.checkpoints / f"{ckpt.STEP_PREFIX}{self.state.step:08d}"
+        tensors = fsdp.full_weights(self.runner.model)
+        shards = fsdp.save_shards(self.runner.model, self.optimizer, path)
 
         def fill(directory: Path) -> None:
-            self.write_weights(directory, model_card=False)
-            ckpt.save_torch(self.optimizer.state_dict(), directory / "optimizer.pt")
+            self.write_weights(directory, False, tensors)
+            if shards:  # FSDP: every rank's part of the weights and optimizer state
+                fsdp.move_shards(shards, directory)
+            else:
+                ckpt.save_torch(self.optimizer.state_dict(), directory / "optimizer.pt")
             ckpt.save_torch(self.scheduler.state_dict(), directory / "scheduler.pt")
             scaler = self.runner.precision.scaler
             if scaler is not None:
@@ -432,7 +442,6 @@ class Loop:
 
         started = time.monotonic()
         meta = {"step": self.state.step, "config_hash": config_hash(self.cfg)}
-        path = self.rundir.checkpoints / f"{ckpt.STEP_PREFIX}{self.state.step:08d}"
         if self.main:
             ckpt.write_atomically(path, fill, meta)
             keep = (
@@ -455,8 +464,12 @@ class Loop:
         before = load_config(directory / "config.yaml")
         saved = TrainState(**json.loads((directory / "train_state.json").read_text()))
         st.check_resumable(directory, self.fingerprint(saved.world_size), before, self.cfg)
-        st.load_weights(self.runner.adapter, directory)
-        self.optimizer.load_state_dict(ckpt.load_torch(directory / "optimizer.pt"))
+        if fsdp.sharded(self.runner.model):  # from the shards of any number of ranks
+            fsdp.load_shards(self.runner.adapter, self.optimizer, directory)
+        else:
+            fsdp.refuse_shards(directory)
+            st.load_weights(self.runner.adapter, directory)
+            self.optimizer.load_state_dict(ckpt.load_torch(directory / "optimizer.pt"))
         self.scheduler.load_state_dict(ckpt.load_torch(directory / "scheduler.pt"))
         st.apply_optimizer_settings(
             self.optimizer, self.scheduler, self.cfg, st.config_changes(before, self.cfg)

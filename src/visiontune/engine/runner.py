@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from visiontune.config.schema import Config
-from visiontune.engine import distributed
+from visiontune.engine import distributed, fsdp
 from visiontune.engine.loader import eval_loader
 from visiontune.engine.precision import Precision, resolve_device
 from visiontune.task import Batch, Metrics, ModelAdapter, Outputs, Task
@@ -92,15 +92,20 @@ class Runner:
         global RNG, and the evaluation cadence would change the training trajectory.
         """
         batch_size = self.cfg.eval.batch_size or self.cfg.train.micro_batch_size
+        lockstep = fsdp.eval_forwards(self.model, len(dataset), batch_size)  # type: ignore[arg-type]
         dataset = distributed.shard(dataset)  # this rank's slice; the meters are gathered
         loader = eval_loader(dataset, batch_size, task.collate, self.cfg.data, self.device)
         was_training = self.model.training
         self.model.eval()
         meter = task.meter()
+        last = None
         try:
             for batch in loader:
                 outputs = self.infer(task, batch) if len(batch) else {}
+                if len(batch):
+                    lockstep, last = lockstep - 1, batch
                 meter.update(outputs, batch)
+            fsdp.pad_forwards(max(lockstep, 0), last, lambda b: self.infer(task, b))
             return distributed.gather_meter(meter).compute()
         finally:
             if was_training:

@@ -79,22 +79,34 @@ def checkpoint_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def write_weights(
-    model: nn.Module, directory: Path, base_model_id: str | None, model_card: bool
+    model: nn.Module,
+    directory: Path,
+    base_model_id: str | None,
+    model_card: bool,
+    tensors: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """trainable.safetensors (exact, for resume and eval) and, for each PEFT part, the
     standard adapter files so `PeftModel.from_pretrained(base, directory)` works outside
-    visiontune. PEFT's model card costs a third of a save: only `best/` and exports get it."""
-    save_file(checkpoint_tensors(model), str(directory / WEIGHTS))
+    visiontune. PEFT's model card costs a third of a save: only `best/` and exports get it.
+
+    `tensors`: the checkpoint tensors gathered whole from a sharded model (engine/fsdp.py),
+    whose own parameters hold only this rank's shard."""
+    full = checkpoint_tensors(model) if tensors is None else tensors
+    save_file(full, str(directory / WEIGHTS))
     for name, module in model.named_modules():
         if not isinstance(module, PeftModel):
             continue
         target = directory if name in ("", "model") else directory / name
         target.mkdir(parents=True, exist_ok=True)
+        prefix = f"{name}." if name else ""
+        own = None if tensors is None else {
+            k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)
+        }  # fmt: skip
         if model_card:
-            module.save_pretrained(str(target))
+            module.save_pretrained(str(target), state_dict=own)
         else:
-            tensors = get_peft_model_state_dict(module)
-            save_file(tensors, str(target / "adapter_model.safetensors"), {"format": "pt"})
+            adapter_tensors = get_peft_model_state_dict(module, state_dict=own)
+            save_file(adapter_tensors, str(target / "adapter_model.safetensors"), {"format": "pt"})
             module.peft_config["default"].save_pretrained(str(target))
         if base_model_id and name in ("", "model"):
             config_path = target / "adapter_config.json"

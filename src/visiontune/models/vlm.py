@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from transformers import AutoModelForImageTextToText
 
 from visiontune.config.schema import Config, GroundTaskConfig
@@ -114,6 +115,9 @@ class VisionLanguageAdapter(ModelAdapter):
             do_sample=False,
             eos_token_id=stops,
             pad_token_id=pad_token_id,
+            # sharded (train.strategy: fsdp): each forward all-gathers with the other ranks, so
+            # a rank whose rows all stopped keeps stepping until every rank's have
+            synced_gpus=isinstance(self, FSDPModule),
         )
         new = output[:, inputs["input_ids"].shape[1] :]
         stopped = torch.isin(new, torch.tensor(stops, device=new.device)).cumsum(dim=1) > 0
