@@ -34,6 +34,7 @@ from visiontune.runs.record import Heartbeat, RunRecord
 from visiontune.runs.remote import RemoteRun
 from visiontune.runs.report import plot_training, write_summary
 from visiontune.runs.rundir import LOGGER, RunDir, setup_logging
+from visiontune.runs.trackers import Trackers, build_trackers
 from visiontune.task import Metrics, ModelAdapter, Task, resolved_config
 
 log = logging.getLogger(LOGGER)
@@ -132,12 +133,14 @@ def train_in(
     if remote and resume:
         remote.pull_into(run)
     record = RunRecord.start(run, cfg, resume)
+    # closed here, after the summary and the curves exist, so trackers keep them as artifacts
+    trackers = build_trackers(cfg, run) if distributed.is_main() else None
     loop: Loop | None = None
     try:
         with Heartbeat(record):
             if cfg.train.plan and not resume:
                 plan_for_run(cfg, run.root)
-            loop = prepare_loop(cfg, run, resume, stop)
+            loop = prepare_loop(cfg, run, resume, stop, trackers)
             if loop is None:
                 state = TrainState(stop_reason=stop.requested() or "time_limit")
                 log.warning("stopping before training (%s): nothing to save", state.stop_reason)
@@ -153,12 +156,16 @@ def train_in(
         run.write_json(run.summary, summary)
         record.finish(summary)
         ledger.write_cache(cfg.output_dir)
+        if trackers:
+            trackers.close()  # inside the handler: marked failed
         raise
     if loop is not None:
         plot_training(run, cfg.train.max_grad_norm, cfg.tracking.bootstrap_samples)
     adapter = loop.runner.adapter if loop is not None else None
     summary = write_summary(run, cfg, state, adapter, time.monotonic() - started)
     record.finish(summary)
+    if trackers:
+        trackers.close()
     if remote:
         remote.push_records(run)
     ledger.write_cache(cfg.output_dir)
@@ -183,7 +190,9 @@ def refuse_repeated_settings(cfg: Config, allow_duplicate: bool) -> None:
         log.warning("%s; training again (--allow-duplicate)", message)
 
 
-def prepare_loop(cfg: Config, run: RunDir, resume: bool, stop: StopRequest) -> Loop | None:
+def prepare_loop(
+    cfg: Config, run: RunDir, resume: bool, stop: StopRequest, trackers: Trackers | None = None
+) -> Loop | None:
     """Data, adapter and loop, resumed or initialised; None when a stop came during set-up
     (checked after each slow phase, and the time limit once set-up is done)."""
     seed_everything(cfg.train.seed)
@@ -196,7 +205,7 @@ def prepare_loop(cfg: Config, run: RunDir, resume: bool, stop: StopRequest) -> L
         return None
     if distributed.is_main():
         run.config.write_text(dump_yaml(resolved_config(task, cfg)))
-    loop = Loop(cfg, task, Runner(cfg, adapter), splits, run, stop)
+    loop = Loop(cfg, task, Runner(cfg, adapter), splits, run, stop, trackers)
     distributed.seed_rank_stream(cfg.train.seed)
     start_from(loop, cfg, run, resume)
     if distributed.agree_stop(stop.requested() or stop.reason(0.0)):

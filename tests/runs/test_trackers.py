@@ -53,7 +53,9 @@ def test_mlflow_holds_the_params_every_step_and_the_artifacts(tracked_run: Path)
     accuracy = client.get_metric_history(run.info.run_id, "eval/accuracy")
     assert [(m.step, m.value) for m in accuracy] == [(e["step"], e["accuracy"]) for e in evals]
     names = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"config.yaml", "metrics.jsonl", "eval.jsonl", "figures"} <= names
+    assert {"config.yaml", "metrics.jsonl", "eval.jsonl", "summary.json", "figures"} <= names
+    figures = {a.path for a in client.list_artifacts(run.info.run_id, "figures")}
+    assert "figures/training_curves.png" in figures  # drawn after the loop, before the close
     local = Path(client.download_artifacts(run.info.run_id, "config.yaml", str(tracked_run)))
     assert local.read_text() == (tracked_run / "config.yaml").read_text()
 

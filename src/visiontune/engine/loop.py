@@ -46,7 +46,7 @@ from visiontune.runs.eval_noise import save_eval_samples
 from visiontune.runs.progress import TrainProgress
 from visiontune.runs.remote import RemoteRun
 from visiontune.runs.rundir import LOGGER, RunDir
-from visiontune.runs.trackers import build_trackers
+from visiontune.runs.trackers import Trackers
 from visiontune.task import Batch, Metrics, Splits, Task, augmented, resolved_config
 
 log = logging.getLogger(LOGGER)
@@ -61,6 +61,7 @@ class Loop:
         splits: Splits,
         run: RunDir,
         stop: StopRequest | None = None,
+        tracker: Trackers | None = None,
     ) -> None:
         self.cfg, self.task, self.runner, self.splits, self.rundir = cfg, task, runner, splits, run
         self.device = runner.device
@@ -93,7 +94,7 @@ class Loop:
         self.early = EarlyStopping(
             cfg.eval.mode, cfg.eval.patience, cfg.eval.min_delta, cfg.train.min_steps
         )
-        self.tracker = build_trackers(cfg, run) if self.main else None
+        self.tracker = tracker if self.main else None  # opened and closed by the run's owner
         self.remote = RemoteRun.for_config(cfg) if self.main else None
         self._batches: Iterator[Batch] | None = None
         self._loader: TrainLoader | None = None  # built at the first batch, after any resume
@@ -158,8 +159,6 @@ class Loop:
         finally:
             if self._owns_stop:
                 self.stop.uninstall()
-            if self.tracker:
-                self.tracker.close()
         return self.state
 
     def optimizer_step(self) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from visiontune.errors import ConfigError
 from visiontune.runs.rundir import RunDir
 
 # What a finished run leaves that a tracker keeps as artifacts (those present at close).
-ARTIFACTS = ("config.yaml", "metrics.jsonl", "eval.jsonl", "figures")
+ARTIFACTS = ("config.yaml", "metrics.jsonl", "eval.jsonl", "summary.json", "figures")
 
 
 class Tracker(Protocol):
@@ -127,7 +127,8 @@ class MLflow:
         self.client.log_batch(self.run_id, metrics=metrics)
 
     def close(self) -> None:
-        """Called from the loop's `finally`: an exception on its way out marks the run FAILED."""
+        """Called by `api.train` after the summary and the curves are written; called while
+        an exception is handled, it marks the run FAILED."""
         failed = sys.exc_info()[0] is not None
         for name in ARTIFACTS:
             path = self.run_dir.root / name
@@ -161,5 +162,6 @@ class WandB:
         self.run.log({f"{prefix}/{k}": v for k, v in numbers(scalars).items()}, step=step)
 
     def close(self) -> None:
-        """Called from the loop's `finally`: an exception on its way out marks the run failed."""
+        """Called by `api.train` after the summary is written; called while an exception is
+        handled, it marks the run failed."""
         self.run.finish(exit_code=1 if sys.exc_info()[0] is not None else 0)
