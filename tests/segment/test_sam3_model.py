@@ -11,7 +11,8 @@ from transformers import AutoModel
 from visiontune import api
 from visiontune.config.load import load_config
 from visiontune.errors import ConfigError
-from visiontune.models.sam3 import Sam3Adapter, access_problem, load_sam3
+from visiontune.models.load import access_problem
+from visiontune.models.sam3 import Sam3Adapter, load_sam3
 from visiontune.tasks.segment_sam3 import Sam3SegmentTask
 
 ROOT = Path(__file__).resolve().parents[2]

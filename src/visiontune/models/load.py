@@ -121,6 +121,34 @@ def build_config(inline: dict[str, Any], **kwargs: Any) -> PretrainedConfig:
         raise ConfigError([f"model.config: {_first_line(err)}"]) from None
 
 
+def read_model_config(model_cfg: ModelConfig) -> PretrainedConfig:
+    """The model's transformers config, without its weights (family, sizes): inline, or read
+    from its config.json; a repository that cannot be read is named, a gated one with how to
+    get in."""
+    if model_cfg.config is not None:
+        return build_config(model_cfg.config)
+    try:
+        return AutoConfig.from_pretrained(
+            model_cfg.name_or_path,
+            revision=model_cfg.revision,
+            trust_remote_code=model_cfg.trust_remote_code,
+        )
+    except (OSError, ValueError) as err:
+        raise ConfigError([access_problem(model_cfg.name_or_path, err)]) from None
+
+
+def access_problem(repo: str | None, err: Exception) -> str:
+    """One line saying why `repo` could not be read; for a gated repo, how to get in."""
+    text = str(err)
+    if "gated repo" in text or "401" in text or "403" in text:
+        return (
+            f"model.name_or_path: {repo!r} is a gated repository and this machine has no "
+            f"access: accept its terms at https://huggingface.co/{repo} and log in "
+            "(`hf auth login`) or set HF_TOKEN in the environment"
+        )
+    return f"model.name_or_path: cannot load {repo!r}: {_first_line(err)}"
+
+
 def _first_line(err: Exception) -> str:
     return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 

@@ -25,7 +25,12 @@ from visiontune.config.schema import Config, LoraConfig, ModelConfig
 from visiontune.config.tasks import SAM3_COMPONENTS, Sam3Options
 from visiontune.data.cache import FrozenFeatureCache, trunk_fingerprint
 from visiontune.errors import ConfigError
-from visiontune.models.load import build_config, enable_checkpointing, load_model
+from visiontune.models.load import (
+    access_problem,
+    enable_checkpointing,
+    load_model,
+    read_model_config,
+)
 from visiontune.models.lora import keep_trainable_fp32, merged, resolve_targets, unwrap
 from visiontune.models.roi_align import install_roi_align
 from visiontune.models.sam3_layers import DecoderLayerOutputs
@@ -37,28 +42,11 @@ SAM3_TYPES = ("sam3", "sam3_video")
 REPORTED = SAM3_COMPONENTS
 
 
-def sam3_config(model_cfg: ModelConfig) -> Any:
-    """The configured model's transformers config: inline, or read from its config.json (a
-    gated repo without access is named, with how to get in)."""
-    if model_cfg.config is not None:
-        return build_config(model_cfg.config)
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(
-            model_cfg.name_or_path,
-            revision=model_cfg.revision,
-            trust_remote_code=model_cfg.trust_remote_code,
-        )
-    except (OSError, ValueError) as err:
-        raise ConfigError([access_problem(model_cfg.name_or_path, err)]) from None
-
-
 def model_type_of(model_cfg: ModelConfig) -> str:
     """`model_type` of the configured model."""
     if model_cfg.config is not None:
         return str(model_cfg.config["model_type"])
-    return str(sam3_config(model_cfg).model_type)
+    return str(read_model_config(model_cfg).model_type)
 
 
 def is_sam3(model_cfg: ModelConfig) -> bool:
@@ -66,19 +54,6 @@ def is_sam3(model_cfg: ModelConfig) -> bool:
     if model_cfg.family != "auto":
         return model_cfg.family == "sam3"
     return model_type_of(model_cfg) in SAM3_TYPES
-
-
-def access_problem(repo: str | None, err: Exception) -> str:
-    """One line saying why `repo` could not be read; for a gated repo, how to get in."""
-    text = str(err)
-    if "gated repo" in text or "401" in text or "403" in text:
-        return (
-            f"model.name_or_path: {repo!r} is a gated repository and this machine has no "
-            f"access: accept its terms at https://huggingface.co/{repo} and log in "
-            "(`hf auth login`) or set HF_TOKEN in the environment"
-        )
-    first = text.strip().splitlines()[0] if text.strip() else type(err).__name__
-    return f"model.name_or_path: cannot load {repo!r}: {first}"
 
 
 def load_sam3(cfg: Config) -> nn.Module:

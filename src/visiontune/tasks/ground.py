@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoConfig, PretrainedConfig
+from transformers import PretrainedConfig
 
 from visiontune.config.schema import Config, GroundTaskConfig
 from visiontune.data.conversations import (
@@ -38,7 +38,7 @@ from visiontune.models.coords import (
     parse_answer,
     write_answer,
 )
-from visiontune.models.load import build_config
+from visiontune.models.load import read_model_config
 from visiontune.models.qwen_vl import ANSWER_END, IGNORE_INDEX, VisionChatProcessor
 from visiontune.models.vlm import VisionLanguageAdapter
 from visiontune.task import Batch, LossOut, Metrics, Outputs, Skipped, Splits
@@ -69,18 +69,7 @@ class GroundTask:
     @cached_property
     def model_config(self) -> PretrainedConfig:
         """The model's config, read without loading weights (family, context length)."""
-        model_cfg = self.cfg.model
-        if model_cfg.config is not None:
-            return build_config(model_cfg.config)
-        try:
-            return AutoConfig.from_pretrained(
-                model_cfg.name_or_path,
-                revision=model_cfg.revision,
-                trust_remote_code=model_cfg.trust_remote_code,
-            )
-        except (OSError, ValueError) as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ConfigError([f"model.name_or_path: {first}"]) from None
+        return read_model_config(self.cfg.model)
 
     @property
     def model_type(self) -> str:

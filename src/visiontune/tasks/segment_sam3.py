@@ -39,7 +39,8 @@ from visiontune.metrics.instances import (
     semantic_counts,
     semantic_metrics,
 )
-from visiontune.models.sam3 import Sam3Adapter, box_prompts, load_sam3_tokenizer, sam3_config
+from visiontune.models.load import read_model_config
+from visiontune.models.sam3 import Sam3Adapter, box_prompts, load_sam3_tokenizer
 from visiontune.task import Batch, LossOut, Metrics, ModelAdapter, Outputs, Skipped, Splits
 from visiontune.tasks.sam3_pictures import instance_overlay
 from visiontune.tasks.segment_pictures import save_mask
@@ -71,7 +72,7 @@ class Sam3SegmentTask:
             )
         if any(a is not None for a in cfg.data.augment.values()):
             raise ConfigError(["data.augment: not supported with SAM 3 yet; remove it"])
-        config = sam3_config(cfg.model)
+        config = read_model_config(cfg.model)
         self.size = int(config.vision_config.image_size)
         self.queries = int(config.detr_decoder_config.num_queries)
         self.signature = f"sam3|{self.size}|{MEAN}|{STD}|squash-bilinear"
