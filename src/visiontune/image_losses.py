@@ -33,7 +33,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from visiontune.metrics.image import full_windows, ssim_map
+from visiontune.metrics.image import as_batch, full_windows, ssim_map
 
 MS_SSIM_MIN_SIDE = 161  # pytorch-msssim: 4 halvings of the image with an 11-pixel window
 
@@ -55,21 +55,9 @@ def _checked(
             "image losses take prediction and target of one shape [N, C, H, W], got "
             f"{tuple(prediction.shape)} and {tuple(target.shape)}"
         )
-    n, _, h, w = prediction.shape
-    if valid is None:
-        valid = torch.ones(n, 1, h, w, dtype=torch.bool, device=prediction.device)
-    if valid.shape != (n, 1, h, w):
-        raise ValueError(
-            f"valid mask must be [N, 1, H, W] = {(n, 1, h, w)}, got {tuple(valid.shape)}"
-        )
-    valid = valid.to(device=prediction.device, dtype=torch.bool)
+    prediction, target, valid = as_batch(prediction, target, valid)
     dtype = torch.promote_types(prediction.dtype, torch.float32)  # fp16/bf16 -> fp32; fp64 stays
-    zero = prediction.new_zeros((), dtype=dtype)
-    return (
-        torch.where(valid, prediction.to(dtype), zero),
-        torch.where(valid, target.to(dtype), zero),
-        valid,
-    )
+    return prediction.to(dtype), target.to(dtype), valid
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ readable; a task's options live here, not in the task's code.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, ClassVar, Literal, get_args
 
 from pydantic import Field, field_validator, model_validator
 
@@ -99,16 +99,6 @@ class MaskFolderOptions(Section):
     ignore_value: int | None = Field(default=None, ge=0, le=65535)
 
 
-SAM3_COMPONENTS = (
-    "vision_encoder",
-    "text_encoder",
-    "text_projection",
-    "geometry_encoder",
-    "detr_encoder",
-    "detr_decoder",
-    "mask_decoder",
-    "dot_product_scoring",
-)
 Sam3Component = Literal[
     "vision_encoder",
     "text_encoder",
@@ -119,6 +109,7 @@ Sam3Component = Literal[
     "mask_decoder",
     "dot_product_scoring",
 ]
+SAM3_COMPONENTS: tuple[str, ...] = get_args(Sam3Component)
 
 
 def names_sam3(model: ModelConfig) -> bool:
